@@ -1,0 +1,665 @@
+"""Tests for losses.py against ../shared/losses.md §3: hand-derived values, float64 gradcheck, limit identities,
+z = 0 values, hinge zero gradients, fp16/bf16 inputs, B = 1 and constant batches, running-state evolution, errors,
+the registry, and the README table.
+
+The README's loss table is generated from the registry by `readme_table()` below. After changing a loss's
+signature, docstring first line or the registry, refresh it with:  python tests/test_losses.py --write-readme
+"""
+import ast
+import inspect
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # so `python tests/test_losses.py --write-readme` finds losses.py
+    sys.path.insert(0, str(ROOT))
+
+import losses  # noqa: E402
+from losses import GATHERS, LOSSES, NEEDS_REF, NEEDS_SCORES, RUNTIME_KWARGS, STATEFUL, get_loss  # noqa: E402
+
+NEEDS_TWO = {"aot", "aot_unpaired", "kto"}  # batch-level losses that refuse B = 1
+LN2 = math.log(2)
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def sp(x: float) -> float:  # softplus = −log σ(−x)
+    return math.log1p(math.exp(x))
+
+
+def run(key, b, state=None, metrics=None, dtype=None, **hp):
+    """Call LOSSES[key] on batch dict `b` the way train.py does (None refs for reference-free keys)."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    kw = dict(hp)
+    if key in NEEDS_SCORES:
+        kw.update(chosen_scores=b["sw"], rejected_scores=b["sl"])
+    if key in STATEFUL:
+        kw["state"] = {} if state is None else state
+    refs = (cast(b["rc"]), cast(b["rr"])) if key in NEEDS_REF else (None, None)
+    return LOSSES[key](cast(b["pc"]), cast(b["pr"]), *refs, b["lc"], b["lr"], metrics=metrics, **kw)
+
+
+def make(*pairs, sw=None, sl=None, dtype=torch.float64):
+    """Batch dict from pair dicts with keys pc, pr, rc, rr, lc, lr (and optional sw, sl)."""
+    b = {k: torch.tensor([p[k] for p in pairs], dtype=dtype) for k in ("pc", "pr", "rc", "rr")}
+    b.update({k: torch.tensor([p[k] for p in pairs]) for k in ("lc", "lr")})
+    b["sw"] = torch.tensor(sw if sw is not None else [5.0] * len(pairs))
+    b["sl"] = torch.tensor(sl if sl is not None else [3.0] * len(pairs))
+    return b
+
+
+def rand_batch(B=6, seed=0):
+    """Random float64 batch: lengths 1..8, A = S/|y| in (−1.7, −0.2), Δ of a few nats, scores with a tie."""
+    g = torch.Generator().manual_seed(seed)
+    lc, lr = torch.randint(1, 9, (B,), generator=g), torch.randint(1, 9, (B,), generator=g)
+    logp = lambda n: -(0.2 + 1.5 * torch.rand(B, generator=g, dtype=torch.float64)) * n  # noqa: E731
+    pc, pr, rc, rr = logp(lc), logp(lr), logp(lc), logp(lr)
+    diffs = torch.tensor([0.0, 0.25, 1.0, 2.0, 0.5, 3.0]).repeat(B)[:B]  # a tie, hard (< 0.5) and easy pairs
+    return dict(pc=pc, pr=pr, rc=rc, rr=rr, lc=lc, lr=lr, sw=2.0 + diffs, sl=torch.full((B,), 2.0))
+
+
+# Pairs used by the hand derivations (summed log-probs S, lengths |y|):
+P1 = dict(pc=-3.0, pr=-5.0, rc=-4.0, rr=-4.0, lc=2, lr=4)  # Δw=1, Δl=−1, z=2, Aw=−1.5, Al=−1.25, Sw−Sl=2
+P2 = dict(pc=-1.0, pr=-4.0, rc=-3.0, rr=-2.0, lc=1, lr=2)  # Δw=2, Δl=−2, z=4, Aw=−1, Al=−2, Sw−Sl=3, refs −1
+P3 = dict(pc=-1.0, pr=-2.0, rc=-3.0, rr=-2.0, lc=1, lr=1)  # Δw=2, Δl=0
+P4 = dict(pc=-1.0, pr=-8.0, rc=-7.0, rr=-2.0, lc=1, lr=1)  # Δw=6, Δl=−6
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-derived values: one case per registry key (test_registry fails if a key has none)
+# ---------------------------------------------------------------------------------------------------------------
+HAND = {}
+
+
+def hand(key):
+    def register(f):
+        HAND[key] = f
+        return f
+    return register
+
+
+@hand("dpo")
+def hand_dpo():
+    """P1: z = 2, β = ½ ⇒ βz = 1. ε = ¼: 0.75·(−log σ(1)) + 0.25·(−log σ(−1)) = 0.75·log(1+e⁻¹) + 0.25·log(1+e).
+    Rewards β·Δ = (½, −½)."""
+    return dict(b=make(P1), hp=dict(beta=0.5, epsilon=0.25),
+                losses=[0.75 * math.log1p(math.exp(-1)) + 0.25 * math.log1p(math.e)], rewards=([0.5], [-0.5]))
+
+
+@hand("robust")
+def hand_robust():
+    """P1, β = ½, ε = ¼: [−0.75·log σ(1) + 0.25·log σ(−1)]/(1 − ½) = 2·[0.75·log(1+e⁻¹) − 0.25·log(1+e)]
+    (negative: robust DPO is unbounded below)."""
+    return dict(b=make(P1), hp=dict(beta=0.5, epsilon=0.25),
+                losses=[2 * (0.75 * math.log1p(math.exp(-1)) - 0.25 * math.log1p(math.e))])
+
+
+@hand("hinge")
+def hand_hinge():
+    """[P1, P2], β = ¼: z = (2, 4) ⇒ max(0, 1 − ½) = ½ and max(0, 1 − 1) = 0; active fraction ½."""
+    return dict(b=make(P1, P2), hp=dict(beta=0.25), losses=[0.5, 0.0], metrics={"hinge/active_fraction": 0.5})
+
+
+@hand("slic")
+def hand_slic():
+    """P1, δ = 3, λ = 0.1: max(0, 3 − (−3) + (−5)) = 1; −λ·S_w/|y_w| = −0.1·(−3/2) = 0.15; total 1.15.
+    Rewards A = (−1.5, −1.25)."""
+    return dict(b=make(P1), hp=dict(delta=3.0, lam=0.1), losses=[1.15], rewards=([-1.5], [-1.25]))
+
+
+@hand("ipo")
+def hand_ipo():
+    """P1, β = ½: Δ_w/|y_w| − Δ_l/|y_l| = ½ + ¼ = ¾; 1/(2β) = 1; (¾ − 1)² = 1/16."""
+    return dict(b=make(P1), hp=dict(beta=0.5), losses=[0.0625])
+
+
+@hand("exo")
+def hand_exo():
+    """P1, β = ½, ε = ¼: q = σ(1); q·(log q − log ¾) + (1 − q)·(log(1 − q) − log ¼)."""
+    q = sig(1.0)
+    return dict(b=make(P1), hp=dict(beta=0.5, epsilon=0.25),
+                losses=[q * (math.log(q) - math.log(0.75)) + (1 - q) * (math.log(1 - q) - math.log(0.25))])
+
+
+@hand("nca")
+def hand_nca():
+    """P1, β = ½: βΔ_w = ½, βΔ_l = −½: −log σ(½) − ½log σ(−½) − ½log σ(½)
+    = 1.5·log(1+e^{−½}) + 0.5·log(1+e^{½})."""
+    return dict(b=make(P1), hp=dict(beta=0.5),
+                losses=[1.5 * math.log1p(math.exp(-0.5)) + 0.5 * math.log1p(math.exp(0.5))])
+
+
+@hand("bco")
+def hand_bco():
+    """P1, β = ½: −log σ(½) − log σ(−(−½)) = 2·log(1+e^{−½})."""
+    return dict(b=make(P1), hp=dict(beta=0.5), losses=[2 * math.log1p(math.exp(-0.5))])
+
+
+@hand("sppo_hard")
+def hand_sppo_hard():
+    """P1, β = ¼: 1/(2β) = 2; (1 − 2)² + (−1 + 2)² = 2."""
+    return dict(b=make(P1), hp=dict(beta=0.25), losses=[2.0])
+
+
+@hand("aot")
+def hand_aot():
+    """[P1, P2], β = ½: policy S_w − S_l = (2, 3), reference (0, −1); sorted: (2, 3) − (−1, 0) = (3, 3), so
+    both ranks give −log σ(1.5) = log(1+e^{−1.5}) (unsorted would be z = (2, 4)). Rewards β·Δ per pair."""
+    return dict(b=make(P1, P2), hp=dict(beta=0.5), losses=[math.log1p(math.exp(-1.5))] * 2,
+                rewards=([0.5, 1.0], [-0.5, -1.0]))
+
+
+@hand("aot_unpaired")
+def hand_aot_unpaired():
+    """[P2, P1], β = ½, ε = ¼: Δ_w = (2, 1), Δ_l = (−2, −1); sorted (1, 2) − (−2, −1) = (3, 3) (unsorted (4, 2)):
+    each rank 0.75·log(1+e^{−1.5}) + 0.25·log(1+e^{1.5})."""
+    v = 0.75 * math.log1p(math.exp(-1.5)) + 0.25 * math.log1p(math.exp(1.5))
+    return dict(b=make(P2, P1), hp=dict(beta=0.5, epsilon=0.25), losses=[v, v])
+
+
+@hand("apo_zero")
+def hand_apo_zero():
+    """P1, β = ½: (1 − σ(½)) + σ(−½) = 2σ(−½)."""
+    return dict(b=make(P1), hp=dict(beta=0.5), losses=[2 * sig(-0.5)])
+
+
+@hand("apo_down")
+def hand_apo_down():
+    """P1, β = ½: σ(βΔ_w) + 1 − σ(βz) = σ(½) + 1 − σ(1)."""
+    return dict(b=make(P1), hp=dict(beta=0.5), losses=[sig(0.5) + 1 - sig(1.0)])
+
+
+@hand("discopop")
+def hand_discopop():
+    """P1, β = ½, τ = 1: u = 1, w = σ(1): (1 − σ(1))·log(1+e⁻¹) + σ(1)·e⁻¹."""
+    return dict(b=make(P1), hp=dict(beta=0.5, tau=1.0),
+                losses=[(1 - sig(1.0)) * math.log1p(math.exp(-1)) + sig(1.0) * math.exp(-1)])
+
+
+@hand("dpo_norm")
+def hand_dpo_norm():
+    """P1, β = 2: Δ_w/2 − Δ_l/4 = ¾ ⇒ −log σ(1.5) = log(1+e^{−1.5}). Rewards β·Δ = (2, −2)."""
+    return dict(b=make(P1), hp=dict(beta=2.0), losses=[math.log1p(math.exp(-1.5))], rewards=([2.0], [-2.0]))
+
+
+@hand("rdpo")
+def hand_rdpo():
+    """P1, β = ½, α = ¼: βz + α(|y_w| − |y_l|) = 1 + ¼·(2 − 4) = ½ ⇒ log(1+e^{−½})."""
+    return dict(b=make(P1), hp=dict(beta=0.5, alpha=0.25), losses=[math.log1p(math.exp(-0.5))])
+
+
+@hand("odpo")
+def hand_odpo():
+    """[P1 scored (6, 4), P1 scored (3, 3)], β = ½, α = 1: offset log 2 ⇒ −log σ(1 − ln 2) = log(1 + 2/e);
+    the tie is masked (offset 0) ⇒ log(1 + 1/e). Tie fraction ½."""
+    return dict(b=make(P1, P1, sw=[6.0, 3.0], sl=[4.0, 3.0]), hp=dict(beta=0.5, alpha=1.0),
+                losses=[math.log1p(2 / math.e), math.log1p(1 / math.e)], metrics={"odpo/tie_fraction": 0.5})
+
+
+@hand("alpha_dpo")
+def hand_alpha_dpo():
+    """[P1, P2], β = 1, α = ½, γ_r = ¼, fresh state. u = A_w − A_l = (−¼, 1); reference gaps A_ref_w − A_ref_l =
+    (−1, −2); g = (¾, 3): mean 15/8, unbiased std 2.25/√2, so ĝ = (−1/√2, 1/√2). Logits u − (αĝ + γ_r):
+    −½ + 1/(2√2) and ¾ − 1/(2√2); loss log(1 + e^{−logit}). State after: mean 15/8, std 2.25/√2.
+    Rewards β·Δ = (1, 2), (−1, −2)."""
+    r = 1 / (2 * math.sqrt(2))
+    return dict(b=make(P1, P2), hp=dict(beta=1.0, alpha=0.5, gamma_beta_ratio=0.25),
+                losses=[sp(0.5 - r), sp(-(0.75 - r))], rewards=([1.0, 2.0], [-1.0, -2.0]),
+                state={"mean": 1.875, "std": 2.25 / math.sqrt(2)})
+
+
+@hand("focalpo")
+def hand_focalpo():
+    """P1, β = ½, γ = 1: −σ(1)·log σ(1) = σ(1)·log(1+e⁻¹)."""
+    return dict(b=make(P1), hp=dict(beta=0.5, gamma=1.0), losses=[sig(1.0) * math.log1p(math.exp(-1))])
+
+
+@hand("kto")
+def hand_kto():
+    """[P1, P3], β = ½, λ_D = 2, λ_U = 1: Δ_w = (1, 2), Δ_l = (−1, 0); z0 = max(0, (1+2−1+0)/4) = ½.
+    P1: [2σ(−½(1 − ½)) + σ(−½(½ + 1))]/2 = [2σ(−¼) + σ(−¾)]/2; P3: [2σ(−¾) + σ(−¼)]/2."""
+    return dict(b=make(P1, P3), hp=dict(beta=0.5, desirable_weight=2.0, undesirable_weight=1.0),
+                losses=[(2 * sig(-0.25) + sig(-0.75)) / 2, (2 * sig(-0.75) + sig(-0.25)) / 2],
+                metrics={"kto/kl": 0.5})
+
+
+@hand("simpo")
+def hand_simpo():
+    """P1, β = 2, γ_r = ½: 2·(−1.5 + 1.25) − 1 = −1.5 ⇒ log(1+e^{1.5}). Rewards β·A = (−3, −2.5)."""
+    return dict(b=make(P1), hp=dict(beta=2.0, gamma_beta_ratio=0.5), losses=[math.log1p(math.exp(1.5))],
+                rewards=([-3.0], [-2.5]))
+
+
+@hand("cpo")
+def hand_cpo():
+    """P1, β = ½, α = 1: −log σ(½·2) − (−1.5) = log(1+e⁻¹) + 1.5. Rewards β·A = (−0.75, −0.625)."""
+    return dict(b=make(P1), hp=dict(beta=0.5, alpha=1.0), losses=[math.log1p(math.exp(-1)) + 1.5],
+                rewards=([-0.75], [-0.625]))
+
+
+@hand("orpo")
+def hand_orpo():
+    """A_w = ln ½ (S = 2 ln ½, |y| = 2), A_l = ln ¼ (|y| = 1), λ = 0.1: log(1 − e^{A}) = ln ½ and ln ¾, so
+    ℓ = (ln ½ − ln ¼) − (ln ½ − ln ¾) = ln 3; loss = ln 2 − 0.1·log σ(ln 3) = ln 2 + 0.1·ln(4/3)."""
+    p = dict(pc=2 * math.log(0.5), pr=math.log(0.25), rc=0.0, rr=0.0, lc=2, lr=1)
+    return dict(b=make(p), hp=dict(lam=0.1), losses=[LN2 + 0.1 * math.log(4 / 3)],
+                rewards=([math.log(0.5)], [math.log(0.25)]))
+
+
+@hand("sft")
+def hand_sft():
+    """[P1, P2]: token mean Σ−S/Σ|y| = (3 + 1)/(2 + 1) = 4/3; per pair −S·B/Σ|y| = (3·2/3, 1·2/3) = (2, 2/3),
+    whose mean is 4/3. Rewards A = (−1.5, −1), (−1.25, −2)."""
+    return dict(b=make(P1, P2), hp={}, losses=[2.0, 2 / 3], rewards=([-1.5, -1.0], [-1.25, -2.0]))
+
+
+@hand("rpo")
+def hand_rpo():
+    """P1, β = ½, α = ½: log(1+e⁻¹) + ½·1.5."""
+    return dict(b=make(P1), hp=dict(beta=0.5, alpha=0.5), losses=[math.log1p(math.exp(-1)) + 0.75])
+
+
+@hand("apo_hinge_zero")
+def hand_apo_hinge_zero():
+    """[P1, P4], β = ½, m = 1: P1 max(0, 1 − ½) + max(0, 1 − ½) = 1; P4 (Δ_w = 6, Δ_l = −6): 1 − 3 < 0 twice ⇒ 0.
+    Active fractions ½ and ½."""
+    return dict(b=make(P1, P4), hp=dict(beta=0.5, margin=1.0), losses=[1.0, 0.0],
+                metrics={"apo_hinge_zero/active_chosen": 0.5, "apo_hinge_zero/active_rejected": 0.5})
+
+
+@hand("apo_hinge_softplus")
+def hand_apo_hinge_softplus():
+    """P1, β = ½, m = 1: softplus(1 − ½) + softplus(1 − ½) = 2·log(1+e^{½})."""
+    return dict(b=make(P1), hp=dict(beta=0.5, margin=1.0), losses=[2 * math.log1p(math.exp(0.5))])
+
+
+@hand("margin_sigmoid")
+def hand_margin_sigmoid():
+    """P1, β = ½, δ = ½, ε = ¼: ℓ⁺ = log(1+e⁻¹) ≈ 0.313 < δ ⇒ 0; ℓ⁻ = log(1+e) ⇒ 0.25·(log(1+e) − ½)."""
+    return dict(b=make(P1), hp=dict(beta=0.5, delta=0.5, epsilon=0.25), losses=[0.25 * (math.log1p(math.e) - 0.5)],
+                metrics={"margin_sigmoid/active_fraction": 0.0})
+
+
+@hand("lmpo")
+def hand_lmpo():
+    """β = 1, γ_r = ½, λ = ½, k = 5, fresh state. Pair A: |y_w| = |y_l| = 2, A_w = ln ½, A_l = ln ¼ ⇒ L̄/|y| = 1,
+    p_w = ½, p_l = ¼, m_A = ½·(1 − ¼⁵). Pair B: |y_w| = 1, |y_l| = 3, L̄ = 2, A_w = ½ln ¾ ⇒ p_w = e^{A_w·2} = ¾,
+    A_l = (3/2)ln ¼ ⇒ p_l = e^{A_l·2/3} = ¼, m_B = ¼·(1 − ½⁵). a = (m_A + m_B)/2, b = |m_A − m_B|/√2 ⇒ z = ±1/√2.
+    g_A = (ln ½ − ln ¼) − ½/√2, g_B = (½ln ¾ − (3/2)ln ¼) + ½/√2; loss = softplus(½ − g). Rewards β·A."""
+    ma, mb = 0.5 * (1 - 0.25 ** 5), 0.25 * (1 - 0.5 ** 5)
+    pa = dict(pc=2 * math.log(0.5), pr=2 * math.log(0.25), rc=0.0, rr=0.0, lc=2, lr=2)
+    pb = dict(pc=0.5 * math.log(0.75), pr=4.5 * math.log(0.25), rc=0.0, rr=0.0, lc=1, lr=3)
+    ga = LN2 - 0.5 / math.sqrt(2)
+    gb = 0.5 * math.log(0.75) - 1.5 * math.log(0.25) + 0.5 / math.sqrt(2)
+    return dict(b=make(pa, pb), hp=dict(beta=1.0, gamma_beta_ratio=0.5, lam=0.5),
+                losses=[sp(0.5 - ga), sp(0.5 - gb)],
+                rewards=([math.log(0.5), 0.5 * math.log(0.75)], [math.log(0.25), 1.5 * math.log(0.25)]),
+                metrics={"lmpo/a": (ma + mb) / 2, "lmpo/b": abs(ma - mb) / math.sqrt(2), "lmpo/margin": (ma + mb) / 2})
+
+
+@hand("amapo")
+def hand_amapo():
+    """β = 1, |y| = 1, S_w = (−1, −1, −1), S_l = (−1, −2, −3) ⇒ Δ̄ = (0, 1, 2), μ = 1, σ_B = 1 (unbiased),
+    z = (1, 0, −1); only Δ̄ < μ gets M = e^{1·1} = e. loss = softplus(M − Δ̄) = (log(1+e^e), log(1+e⁻¹), log(1+e⁻²)).
+    Mean M = e/3, fraction M > 0 = 1/3."""
+    pairs = [dict(pc=-1.0, pr=-float(i), rc=0.0, rr=0.0, lc=1, lr=1) for i in (1, 2, 3)]
+    return dict(b=make(*pairs), hp=dict(beta=1.0), losses=[sp(math.e), sp(-1.0), sp(-2.0)],
+                metrics={"amapo/margin": math.e / 3, "amapo/margin_pos_fraction": 1 / 3})
+
+
+@hand("mixdpo")
+def hand_mixdpo():
+    """[P1, P1, P2] scored (5, 4), (4, 4), (4, 4), β = ½, τ = ½: pair 0 easy ⇒ DPO log(1+e⁻¹); pairs 1, 2 hard:
+    n_hard = 2, Σ_hard|y_w| = 3 ⇒ −S·2/3 = (2, 2/3) (their sum = n_hard × token mean 4/3). Easy fraction 1/3."""
+    return dict(b=make(P1, P1, P2, sw=[5.0, 4.0, 4.0], sl=[4.0, 4.0, 4.0]), hp=dict(beta=0.5, tau=0.5),
+                losses=[math.log1p(math.exp(-1)), 2.0, 2 / 3], rewards=([0.5, 0.5, 1.0], [-0.5, -0.5, -1.0]),
+                metrics={"mixdpo/easy_fraction": 1 / 3})
+
+
+def close(a, b, tol=1e-10):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                          rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("key", list(LOSSES))
+def test_hand_value(key):
+    assert key in HAND, f"{key}: add a @hand({key!r}) case with its derivation in the docstring"
+    case = HAND[key]()
+    state, metrics = ({} if key in STATEFUL else None), {}
+    out, cr, rr = run(key, case["b"], state=state, metrics=metrics, **case["hp"])
+    assert close(out, case["losses"]), (out, case["losses"])
+    if "rewards" in case:
+        assert close(cr, case["rewards"][0]) and close(rr, case["rewards"][1]), (cr, rr)
+    for name, want in case.get("metrics", {}).items():
+        assert close(metrics[name], want, tol=1e-6), (name, metrics[name], want)  # fractions are fp32
+    for name, want in case.get("state", {}).items():
+        assert close(state[name], want), (name, state[name], want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradcheck (float64). Losses with stop-gradient batch terms would fail plain gradcheck (finite differences move
+# the sg terms too), so for them the test freezes the spec formula: sg terms computed once, by independent code, at
+# the base point; gradcheck that frozen form, and require the loss's value and autograd gradient to equal its own.
+# ---------------------------------------------------------------------------------------------------------------
+
+def frozen_kto(b, beta=0.1):
+    z0 = torch.cat([b["pc"] - b["rc"], b["pr"] - b["rr"]]).mean().clamp_min(0)
+    return lambda pc, pr: (torch.sigmoid(-beta * (pc - b["rc"] - z0)) + torch.sigmoid(-beta * (z0 - pr + b["rr"]))) / 2
+
+
+def frozen_amapo(b, beta=2.0):
+    d = b["pc"] / b["lc"] - b["pr"] / b["lr"]
+    mu, sd = d.mean(), d.std()
+    big = torch.where(d < mu, beta * torch.exp((mu - d) / sd * mu), torch.zeros_like(d))
+    return lambda pc, pr: F.softplus(big - beta * (pc / b["lc"] - pr / b["lr"]))
+
+
+def frozen_lmpo(b, beta=2.0, gamma_beta_ratio=0.5, lam=0.2, k=5):
+    mid = (b["lc"] + b["lr"]) / 2
+    pw, pl = torch.exp(b["pc"] * mid / b["lc"] ** 2), torch.exp(b["pr"] * mid / b["lr"] ** 2)  # e^{A·L̄/|y|}
+    m = (1 - pw) * (1 - (pw - pl) ** k)
+    z = (m - m.mean()) / m.std()  # fresh state: a, b are this batch's statistics
+    return lambda pc, pr: F.softplus(beta * gamma_beta_ratio - beta * (pc / b["lc"] - pr / b["lr"]) + lam * z)
+
+
+def frozen_alpha_dpo(b, beta=2.5, gamma_beta_ratio=0.3, alpha=0.1):
+    g = (b["pc"] - b["rc"]) / b["lc"] - (b["pr"] - b["rr"]) / b["lr"]
+    shift = alpha * (g - g.mean()) / g.std() + gamma_beta_ratio
+    return lambda pc, pr: -F.logsigmoid(beta * (pc / b["lc"] - pr / b["lr"] - shift))
+
+
+FROZEN = {"kto": frozen_kto, "amapo": frozen_amapo, "lmpo": frozen_lmpo, "alpha_dpo": frozen_alpha_dpo}
+
+
+@pytest.mark.parametrize("key", list(LOSSES))
+def test_gradcheck(key):
+    b = rand_batch(seed=1)
+    x = (b["pc"].clone().requires_grad_(), b["pr"].clone().requires_grad_())
+    f = lambda pc, pr: run(key, {**b, "pc": pc, "pr": pr})[0]  # noqa: E731  (fresh state every call)
+    if key in FROZEN:
+        g = FROZEN[key](b)
+        assert torch.autograd.gradcheck(g, x)
+        assert close(f(*x), g(*x))
+        assert all(close(u, v) for u, v in zip(torch.autograd.grad(f(*x).sum(), x),
+                                                torch.autograd.grad(g(*x).sum(), x)))
+    else:
+        assert torch.autograd.gradcheck(f, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Identities and special values
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_identities():
+    b = rand_batch(B=8, seed=2)
+    L = lambda key, **hp: run(key, b, **hp)[0]  # noqa: E731
+    z = (b["pc"] - b["rc"]) - (b["pr"] - b["rr"])
+    assert close(L("dpo", beta=0.3), -F.logsigmoid(0.3 * z))
+    swapped = {**b, "pc": b["pr"], "pr": b["pc"], "rc": b["rr"], "rr": b["rc"]}
+    assert close(L("dpo", epsilon=0.2), 0.8 * L("dpo") + 0.2 * run("dpo", swapped)[0])  # cDPO = label smoothing
+    assert close(L("robust", epsilon=0.0), L("dpo"))
+    assert close(L("margin_sigmoid", delta=0.0, epsilon=0.0), L("dpo"))
+    assert close(L("focalpo", gamma=0.0), L("dpo"))
+    assert close(L("alpha_dpo", alpha=0.0), L("simpo", beta=2.5, gamma_beta_ratio=0.3))
+    for margin_fn in ("pow", "log", "sigmoid"):
+        for zscore in (True, False):
+            assert close(L("lmpo", lam=0.0, margin_fn=margin_fn, zscore=zscore), L("simpo"))
+    assert close(L("amapo", adaptive=False), L("simpo", gamma_beta_ratio=0.0))
+    assert close(L("mixdpo", tau=-1e9), L("dpo"))
+    assert close(L("mixdpo", tau=1e9), L("sft"))
+    assert close(L("rpo", alpha=0.5), L("dpo") - 0.5 * b["pc"] / b["lc"])
+    assert close(L("sft").mean(), -b["pc"].sum() / b["lc"].sum())
+
+
+def test_policy_equals_reference():
+    """z = 0: DPO = ln 2, cDPO/robust = ln 2, APO-hinge-zero = 2m, margin-sigmoid = ln 2 − δ; rewards 0."""
+    b = rand_batch(B=5, seed=3)
+    b = {**b, "rc": b["pc"].clone(), "rr": b["pr"].clone()}
+    for key in sorted(NEEDS_REF):
+        _, cr, rr = run(key, b)
+        assert torch.equal(cr, torch.zeros_like(cr)) and torch.equal(rr, torch.zeros_like(rr)), key
+    assert close(run("dpo", b)[0], [LN2] * 5)
+    assert close(run("dpo", b, epsilon=0.3)[0], [LN2] * 5)
+    assert close(run("robust", b)[0], [LN2] * 5)
+    assert close(run("apo_hinge_zero", b, margin=0.7)[0], [1.4] * 5)
+    assert close(run("margin_sigmoid", b, delta=0.2)[0], [LN2 - 0.2] * 5)
+
+
+def test_hinges_have_exactly_zero_gradient_past_the_margin():
+    far = make(P4)  # Δ_w = 6, Δ_l = −6, z = 12
+    for key, hp in [("hinge", dict(beta=0.1)), ("apo_hinge_zero", dict(beta=0.5, margin=1.0)),
+                    ("margin_sigmoid", dict(beta=0.5, delta=0.1, epsilon=0.0))]:
+        pc, pr = far["pc"].clone().requires_grad_(), far["pr"].clone().requires_grad_()
+        loss = run(key, {**far, "pc": pc, "pr": pr}, **hp)[0].sum()
+        assert loss.item() == 0.0, key
+        gc, gr = torch.autograd.grad(loss, (pc, pr), allow_unused=True)
+        assert gc is not None and gr is not None and not gc.any() and not gr.any(), key
+    pc = far["pc"].clone().requires_grad_()  # slic past its margin: only the NLL regulariser is left
+    gc, = torch.autograd.grad(run("slic", {**far, "pc": pc}, delta=1.0, lam=0.1)[0].sum(), (pc,))
+    assert close(gc, [-0.1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dtypes, degenerate batches, running state, gather
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key", list(LOSSES))
+def test_half_precision_inputs_give_the_fp32_answer(key, dtype):
+    b = rand_batch(seed=4)
+    low = run(key, b, dtype=dtype)
+    b32 = {k: (v.to(dtype).float() if k in ("pc", "pr", "rc", "rr") else v) for k, v in b.items()}
+    ref = run(key, b32)
+    for x, y in zip(low, ref):
+        assert x.dtype == torch.float32 and x.shape == (6,)
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-6), key
+
+
+@pytest.mark.parametrize("key", list(LOSSES))
+def test_degenerate_batches_are_finite(key):
+    one = rand_batch(B=1, seed=5)
+    same = {k: v[:1].repeat(4) for k, v in rand_batch(B=1, seed=6).items()}
+    at_ref = {**same, "rc": same["pc"].clone(), "rr": same["pr"].clone()}
+    cases = [same, at_ref] if key in NEEDS_TWO else [one, same, at_ref]
+    for b in cases:
+        pc = b["pc"].clone().requires_grad_()
+        out = run(key, {**b, "pc": pc})
+        assert all(torch.isfinite(t).all() for t in out), (key, out)
+        assert torch.isfinite(torch.autograd.grad(out[0].sum(), pc)[0]).all(), key
+    if key in NEEDS_TWO:
+        with pytest.raises(ValueError, match="at least 2 pairs"):
+            run(key, one)
+
+
+def test_rewards_detached_metrics_detached_and_per_key():
+    b = rand_batch(seed=7)
+    for key in LOSSES:
+        x = {**b, "pc": b["pc"].clone().requires_grad_(), "pr": b["pr"].clone().requires_grad_()}
+        metrics = {}
+        out, cr, rr = run(key, x, metrics=metrics)
+        assert out.requires_grad and not cr.requires_grad and not rr.requires_grad, key
+        for name, v in metrics.items():
+            assert name.startswith(key + "/") and torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad, name
+
+
+def test_lmpo_state_evolution():
+    """decay ½, λ = 0.1, β = 1, γ_r = ½; p_w = p_l (equal A, |y| = 1) ⇒ m = 1 − p.
+    Batch 1, p = (½, ¼): m = (½, ¾), a = 5/8, b = (¼)/√2 (first batch initialises).
+    Batch 2, p = (½, ½): m = (½, ½), std 0 ⇒ a = ½·5/8 + ½·½ = 9/16, b = ½·b₁.
+    Batch 3, B = 1, p = ¼: m = ¾, std 0 ⇒ a = ½·9/16 + ½·¾ = 21/32, b = b₁/4; updated before use, so
+    z = (¾ − 21/32)/(b₁/4) = 1.5√2 and loss = softplus(½ + 0.1·1.5√2)."""
+    def batch(ps):
+        return make(*[dict(pc=math.log(p), pr=math.log(p), rc=0.0, rr=0.0, lc=1, lr=1) for p in ps])
+    state, hp = {}, dict(decay=0.5, lam=0.1, beta=1.0, gamma_beta_ratio=0.5)
+    b1 = 0.25 / math.sqrt(2)
+    run("lmpo", batch([0.5, 0.25]), state=state, **hp)
+    assert close(state["a"], 5 / 8) and close(state["b"], b1)
+    run("lmpo", batch([0.5, 0.5]), state=state, **hp)
+    assert close(state["a"], 9 / 16) and close(state["b"], b1 / 2)
+    as_json = {k: float(v) for k, v in json.loads(json.dumps({k: float(v) for k, v in state.items()})).items()}
+    out = run("lmpo", batch([0.25]), state=state, **hp)[0]
+    assert close(state["a"], 21 / 32) and close(state["b"], b1 / 4)
+    assert close(out, [sp(0.5 + 0.1 * 1.5 * math.sqrt(2))])
+    assert close(run("lmpo", batch([0.25]), state=as_json, **hp)[0], out)  # a JSON round trip resumes exactly
+
+
+def test_alpha_dpo_state_evolution():
+    """decay ½, β = 1, α = ½, γ_r = ¼; A_ref_w = A_ref_l ⇒ g = u = A_w − A_l (|y| = 1).
+    Batch 1, u = (1, 3): mean 2, std √2 (first batch initialises). Batch 2, u = (2, 2): mean ½·2 + ½·2 = 2,
+    std ½·√2 + ½·0 = √2/2. Batch 3, B = 1, u = 4: mean ½·2 + ½·4 = 3, std √2/4 ⇒ ĝ = (4 − 3)/(√2/4) = 2√2,
+    loss = −log σ(4 − ½·2√2 − ¼) = softplus(−(3.75 − √2))."""
+    def batch(us):
+        return make(*[dict(pc=-1.0, pr=-1.0 - u, rc=-1.0, rr=-1.0, lc=1, lr=1) for u in us])
+    state, hp = {}, dict(decay=0.5, beta=1.0, alpha=0.5, gamma_beta_ratio=0.25)
+    run("alpha_dpo", batch([1.0, 3.0]), state=state, **hp)
+    assert close(state["mean"], 2.0) and close(state["std"], math.sqrt(2))
+    run("alpha_dpo", batch([2.0, 2.0]), state=state, **hp)
+    assert close(state["mean"], 2.0) and close(state["std"], math.sqrt(2) / 2)
+    out = run("alpha_dpo", batch([4.0]), state=state, **hp)[0]
+    assert close(state["mean"], 3.0) and close(state["std"], math.sqrt(2) / 4)
+    assert close(out, [sp(-(3.75 - math.sqrt(2)))])
+
+
+def test_alpha_dpo_first_step_is_simpo():
+    """At step 0 the policy is the reference, g ≡ 0: the release divides 0/0; ours guards std and gives SimPO."""
+    b = rand_batch(seed=8)
+    b = {**b, "rc": b["pc"].clone(), "rr": b["pr"].clone()}
+    assert close(run("alpha_dpo", b)[0], run("simpo", b, beta=2.5, gamma_beta_ratio=0.3)[0])
+
+
+@pytest.mark.parametrize("key", sorted(GATHERS))
+def test_gather_uses_statistics_of_all_ranks(key):
+    """Two simulated ranks: rank 0's losses with a gather that appends rank 1's tensor equal the first half of
+    the losses on the concatenated batch."""
+    full = rand_batch(B=6, seed=9)
+    r0, r1 = ({k: v[s] for k, v in full.items()} for s in (slice(0, 3), slice(3, 6)))
+    seen = []
+    run(key, r1, gather=lambda t: seen.append(t) or t)
+    out = run(key, r0, gather=lambda t: torch.cat([t, seen[0]]))[0]
+    assert close(out, run(key, full)[0][:3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_odpo_ties_masked_and_reversed_scores_rejected():
+    b = make(P1, P2, sw=[4.0, 4.0], sl=[4.0, 4.0])
+    assert close(run("odpo", b)[0], run("dpo", b)[0])
+    with pytest.raises(ValueError, match=r"odpo: chosen_scores < rejected_scores .*\[1\]"):
+        run("odpo", make(P1, P2, sw=[4.0, 3.0], sl=[3.0, 4.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        run("odpo", make(P1, sw=[float("nan")], sl=[3.0]))
+    with pytest.raises(ValueError, match=r"mixdpo: .*NaN .*\[0\]"):
+        run("mixdpo", make(P1, sw=[float("nan")], sl=[3.0]))
+
+
+def test_hyperparameter_errors():
+    with pytest.raises(ValueError, match="ln 2"):
+        run("margin_sigmoid", make(P1), delta=math.log(2))
+    run("margin_sigmoid", make(P1), delta=0.69)
+    with pytest.raises(ValueError, match="epsilon"):
+        run("robust", make(P1), epsilon=0.5)
+    with pytest.raises(ValueError, match="epsilon"):
+        run("exo", make(P1), epsilon=0.0)
+    with pytest.raises(ValueError, match="margin_fn"):
+        run("lmpo", make(P1), margin_fn="cube")
+
+
+def test_delta_schedule():
+    assert [losses.delta_schedule(s, 100, 0.3) for s in (0, 50, 100, 500)] == [0.0, 0.15, 0.3, 0.3]
+    assert losses.delta_schedule(0, 0, 0.3) == 0.3
+
+
+def test_unknown_key_lists_valid_keys():
+    assert get_loss("simpo") is losses.simpo
+    with pytest.raises(KeyError) as err:
+        get_loss("dpoo")
+    assert all(key in str(err.value) for key in LOSSES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_registry():
+    assert set(HAND) == set(LOSSES), "every key needs a hand-derived case and every case a key"
+    assert all(inspect.getdoc(f) for f in HAND.values())
+    assert set(FROZEN) <= set(LOSSES)
+    assert NEEDS_REF | NEEDS_SCORES | STATEFUL | GATHERS <= set(LOSSES)
+    positional = ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lens",
+                  "rejected_lens"]
+    for key, fn in LOSSES.items():
+        first = (inspect.getdoc(fn) or "").splitlines()[0] if inspect.getdoc(fn) else ""
+        assert re.search(r"\(.*(\b(19|20)\d\d\b|arXiv).*\)", first), f"{key}: docstring must cite its source"
+        params = inspect.signature(fn).parameters
+        assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional, key
+        kw = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        assert len(kw) == len(params) - 6, f"{key}: no *args/**kwargs"
+        assert "metrics" in kw and kw["metrics"].default is None, key
+        assert ("chosen_scores" in kw) == ("rejected_scores" in kw) == (key in NEEDS_SCORES), key
+        assert ("state" in kw) == (key in STATEFUL) and ("gather" in kw) == (key in GATHERS), key
+        assert all(p.default is not p.empty for n, p in kw.items() if n not in RUNTIME_KWARGS), key
+        assert fn.__annotations__.get("return") is not None, key
+
+
+def test_needs_ref_is_exact():
+    """Reference-free keys ran with None refs everywhere above; reference keys must actually use the reference."""
+    b = rand_batch(seed=10)
+    moved = {**b, "rc": b["rc"] + torch.linspace(0.5, 1.5, 6, dtype=torch.float64)}
+    for key in NEEDS_REF:
+        assert not close(run(key, b)[0], run(key, moved)[0]), key
+
+
+def test_losses_py_imports_only_torch_and_math():
+    tree = ast.parse((ROOT / "losses.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names <= {"torch", "math"}, names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# README table (generated from the registry; refresh: python tests/test_losses.py --write-readme)
+# ---------------------------------------------------------------------------------------------------------------
+START, END = "<!-- losses:start -->", "<!-- losses:end -->"
+
+
+def readme_table() -> str:
+    lines = ["Each loss returns per-pair losses (the batch loss is their mean) and detached rewards; its "
+             "hyperparameters are keyword arguments with the defaults below (reference: needs the reference "
+             "log-probs; scores: needs annotation scores; state: carries running statistics). "
+             "Refresh with `python tests/test_losses.py --write-readme`.", "",
+             "| key | method (paper) | reference | scores | state | defaults |", "|---|---|---|---|---|---|"]
+    for key, fn in LOSSES.items():
+        method = inspect.getdoc(fn).splitlines()[0].rstrip(".")
+        params = inspect.signature(fn).parameters.items()
+        hp = ", ".join(f"{n}={p.default!r}" for n, p in params if p.kind is p.KEYWORD_ONLY and n not in RUNTIME_KWARGS)
+        yes = lambda s: "yes" if key in s else "no"  # noqa: E731
+        lines.append(f"| `{key}` | {method} | {yes(NEEDS_REF)} | {yes(NEEDS_SCORES)} | {yes(STATEFUL)} | "
+                     f"{f'`{hp}`' if hp else '—'} |")
+    return "\n".join(lines)
+
+
+def test_readme_table_matches_registry():
+    text = (ROOT / "README.md").read_text()
+    assert START in text and END in text, "README.md lost its losses markers"
+    region = text[text.index(START) + len(START):text.index(END)]
+    assert region == "\n" + readme_table() + "\n", "stale README loss table: python tests/test_losses.py --write-readme"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-readme"]:
+        path = ROOT / "README.md"
+        text = path.read_text()
+        i, j = text.index(START) + len(START), text.index(END)
+        path.write_text(text[:i] + "\n" + readme_table() + "\n" + text[j:])
+    else:
+        print(readme_table())
