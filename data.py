@@ -1,0 +1,430 @@
+"""Preference data: load, render with Qwen2.5's chat template, tokenize, batch, and cache reference log-probs.
+
+Rows, in TRL's formats (optional numbers score_chosen / score_rejected are kept for MixDPO and ODPO):
+  standard        {"prompt": str, "chosen": str, "rejected": str}: one user turn, one assistant reply
+  conversational  {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}, msgs = [{"role", "content"}, ...]
+  implicit prompt {"chosen": [msgs], "rejected": [msgs]}: whole conversations; the prompt is their common prefix
+A conversation is an optional system message, then user/assistant turns alternating, ending with the assistant
+reply that is scored. A row that breaks this (or is invalid JSON, lacks a field, has a wrong type or empty text)
+is a ValueError naming file and row; with skip_bad_rows it is skipped and counted.
+
+Rendering: Qwen2.5's ChatML by hand (render_chatml), tested token-for-token against the jinja chat_template the
+model ships; Qwen's default system prompt when the conversation has none.
+  prompt = render(prompt messages) + "<|im_start|>assistant\n";  completion (scored) = content + "<|im_end|>"
+The "\n" the template adds after <|im_end|> is NOT scored: generation stops at <|im_end|>, so the policy never
+produces it (TRL scores it; the difference is log p("\n" | <|im_end|>) ~ 0). Prompt and completion are tokenized
+separately, as in TRL, so chosen and rejected share the prompt tokens exactly; this equals tokenizing the whole
+conversation unless a completion starts with whitespace that BPE would merge with the prompt's final "\n".
+
+Truncation (defaults of Yao et al. 2025, max_length 1024, max_prompt_length 256): the prompt keeps its END (cut
+from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
+and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
+
+Reference cache (`python data.py --model M --data D --split S --out DIR`, or ref_cache() from training): DIR/
+ref_logps.safetensors (float32 ref_chosen_logps, ref_rejected_logps = summed completion log-probs; long index =
+source row of each kept pair) and DIR/meta.json, the header checked on load and the commit marker, written last.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+TEMPLATE_ID = "qwen2.5-chatml/v1"  # bump when rendering or the prompt/completion split changes: invalidates caches
+CACHE_FORMAT = 1
+PAD_TOKEN = "<|endoftext|>"  # Qwen's pad token; its id is what collate() pads with
+CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha256", "max_length",
+              "max_prompt_length", "template", "dtype")  # a cache is reused iff all of these match
+AMP = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    """The model folder's tokenizer.json (special tokens such as <|im_end|> are added tokens in it); a Hub id is
+    resolved with model.resolve_model_dir."""
+    if not Path(model_dir).is_dir():
+        from model import resolve_model_dir
+        model_dir = resolve_model_dir(str(model_dir))
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the model folder must ship tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Qwen2.5 ChatML: a system block (Qwen's default unless messages[0] is a system message), then
+    "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, then "<|im_start|>assistant\\n" if asked."""
+    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+    text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _sha256(files) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _hub_files(repo: str, split: str, revision: str | None) -> list[Path]:
+    """Download only the split's parquet files of a Hub dataset (data/{split}-*.parquet or {split}/*.parquet)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    patterns = [f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet"]
+    try:
+        root = Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns))
+    except (OSError, HfHubHTTPError, HFValidationError) as e:  # offline, unreachable, no such repo: one line
+        raise RuntimeError(f"{repo}: could not get split {split!r} from the Hugging Face Hub ({type(e).__name__}); "
+                           "offline? pass a local .jsonl, .json or .parquet file instead (--data my_prefs.jsonl)"
+                           ) from None
+    files = sorted(p for p in root.rglob("*.parquet") if any(fnmatch(p.relative_to(root).as_posix(), pat)
+                                                              for pat in patterns))
+    if not files:
+        raise ValueError(f"{repo}: no parquet files for split {split!r} (looked for {', '.join(patterns)})")
+    return files
+
+
+def _read(path: Path) -> list:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON Lines
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    rows = []
+    for line in text.splitlines():  # a bad line becomes a ValueError row: reported or skipped with the others
+        try:
+            rows.append(json.loads(line) if line.strip() else ValueError("blank line"))
+        except json.JSONDecodeError as e:
+            rows.append(ValueError(f"invalid JSON: {e.msg} (column {e.colno})"))
+    return rows
+
+
+def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list[dict], str]:
+    """Rows of a local .jsonl / .json (array or JSON Lines) / .parquet file, or of a Hub dataset's split
+    (parquet files only; split and revision are ignored for local files). Returns (rows, "sha256:<hex>" of the
+    bytes read). Lines of a .jsonl that are not valid JSON come back as ValueError objects, so that
+    tokenize_pairs reports them with file and row, or skips and counts them, like any other bad row."""
+    path = Path(source)
+    if path.exists() and (path.is_dir() or path.suffix not in (".jsonl", ".json", ".parquet")):
+        raise ValueError(f"{source}: expected a .jsonl, .json or .parquet file, or a Hub dataset id")
+    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
+        raise FileNotFoundError(f"{source}: no such file")
+    files = [path] if path.exists() else _hub_files(source, split, revision)
+    return [row for f in files for row in _read(f)], _sha256(files)
+
+
+@dataclass
+class Pair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    row: int  # 0-based position of the source row in load_rows' list (the cache's `index`)
+    score_chosen: float | None = None
+    score_rejected: float | None = None
+
+
+def _messages(value, key: str) -> list[dict]:
+    if isinstance(value, str):  # standard format: a bare prompt is a user turn, a bare completion the reply
+        value = [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{key!r} must be a string or a non-empty list of messages, got {type(value).__name__}")
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{key}[{j}] must be a message {{'role': str, 'content': str}}, got {m!r:.80}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"{key}[{j}]: role {m['role']!r} is not system, user or assistant")
+        if not m["content"].strip():
+            raise ValueError(f"{key}[{j}] ({m['role']}): empty text")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _parse_row(row) -> tuple[list[dict], str, str, float | None, float | None]:
+    """(prompt messages, chosen text, rejected text, score_chosen, score_rejected), or ValueError(problem)."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if missing := [key for key in ("chosen", "rejected") if key not in row]:
+        raise ValueError(f"missing field {missing[0]!r}")
+    prompt = _messages(row["prompt"], "prompt") if row.get("prompt") is not None else []
+    chosen, rejected = prompt + _messages(row["chosen"], "chosen"), prompt + _messages(row["rejected"], "rejected")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("chosen and rejected differ before their last message (the prompt is their shared prefix)")
+    if len(chosen) < 2:
+        raise ValueError("no prompt: add a 'prompt' field, or make chosen/rejected whole conversations")
+    for key, conv in (("chosen", chosen), ("rejected", rejected)):
+        roles = [m["role"] for m in conv]
+        turns = roles[1:] if roles[0] == "system" else roles
+        if turns != ["user", "assistant"] * (len(turns) // 2):
+            raise ValueError(f"{key}: roles out of order ({' -> '.join(roles)}); expected an optional system "
+                             "message, then user/assistant alternating, ending with the assistant reply")
+    scores = []
+    for key in ("score_chosen", "score_rejected"):
+        v = row.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{key!r} must be a number, got {v!r:.40}")
+        scores.append(None if v is None else float(v))
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], scores[0], scores[1]
+
+
+def tokenize_pairs(rows, tokenizer: Tokenizer, max_length: int = 1024, max_prompt_length: int = 256,
+                   source: str = "<rows>", skip_bad_rows: bool = False) -> tuple[list[Pair], dict]:
+    """Parse, render, tokenize and truncate rows (see the module docstring). Returns the kept pairs and counts:
+    rows, kept, bad_rows (skipped), prompts_truncated / completions_truncated (among kept pairs; a pair can
+    count two completions), dropped_empty, dropped_identical."""
+    if not 0 < max_prompt_length <= max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) <= max_length ({max_length})")
+    parsed, bad = [], []
+    for i, row in enumerate(rows):
+        try:
+            parsed.append((i, *_parse_row(row)))
+        except ValueError as e:
+            where = f"{source}: row {i}" + (f" (line {i + 1})" if str(source).endswith(".jsonl") else "")
+            if not skip_bad_rows:
+                raise ValueError(f"{where}: {e}. Fix the row, or pass --skip-bad-rows to skip and count it") from None
+            bad.append(f"{where}: {e}")
+
+    def encode(texts):
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    prompts = encode([render_chatml(p[1], add_generation_prompt=True) for p in parsed])
+    chosen, rejected = encode([p[2] + "<|im_end|>" for p in parsed]), encode([p[3] + "<|im_end|>" for p in parsed])
+    counts = dict(rows=len(rows), kept=0, bad_rows=len(bad), prompts_truncated=0, completions_truncated=0,
+                  dropped_empty=0, dropped_identical=0)
+    pairs = []
+    for (i, *_, sc, sr), p, c, r in zip(parsed, prompts, chosen, rejected):
+        p_cut = p[-max_prompt_length:]  # keep the end: the last user turn and the assistant header
+        budget = max_length - len(p_cut)
+        c_cut, r_cut = c[:budget], r[:budget]
+        if not c_cut or not r_cut:
+            counts["dropped_empty"] += 1
+        elif c_cut == r_cut:
+            counts["dropped_identical"] += 1
+        else:
+            counts["prompts_truncated"] += len(p_cut) < len(p)
+            counts["completions_truncated"] += (len(c_cut) < len(c)) + (len(r_cut) < len(r))
+            pairs.append(Pair(p_cut, c_cut, r_cut, i, sc, sr))
+    counts["kept"] = len(pairs)
+    print(f"data {source}: {len(rows)} rows -> {len(pairs)} pairs | truncated: {counts['prompts_truncated']} "
+          f"prompts (from the left), {counts['completions_truncated']} completions | dropped: "
+          f"{counts['dropped_empty']} empty after truncation, {counts['dropped_identical']} identical chosen/rejected"
+          f" | bad rows skipped: {len(bad)}" + "".join(f"\n  skipped {b}" for b in bad[:5]))
+    return pairs, counts
+
+
+def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One forward pass for both sides: rows 0..B-1 = prompt+chosen, B..2B-1 = prompt+rejected, right-padded.
+    loss_mask marks completion tokens; lens = completion lengths; scores = score_chosen|score_rejected (nan)."""
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    lens = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    total, comp = torch.tensor([len(s) for s in seqs]), torch.tensor(lens, dtype=torch.long)
+    input_ids = torch.full((len(seqs), int(total.max())), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        input_ids[b, :len(s)] = torch.tensor(s)
+    t = torch.arange(input_ids.shape[1])
+    scores = [p.score_chosen for p in pairs] + [p.score_rejected for p in pairs]
+    return dict(input_ids=input_ids, attention_mask=(t < total[:, None]).long(),
+                loss_mask=(t < total[:, None]) & (t >= (total - comp)[:, None]), lens=comp,
+                scores=torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32))
+
+
+def pair_length(p: Pair) -> int:
+    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+
+
+def padding_fraction(pairs: list[Pair], batches: list[list[int]]) -> float:
+    """Fraction of the collated [2B, T] token slots that are padding, over all batches."""
+    real = padded = 0
+    for batch in batches:
+        lens = [len(pairs[i].prompt_ids) + len(c) for i in batch for c in (pairs[i].chosen_ids, pairs[i].rejected_ids)]
+        real, padded = real + sum(lens), padded + len(lens) * max(lens)
+    return 1 - real / padded if padded else 0.0
+
+
+def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: bool = True, order: str = "length",
+                 chunk_batches: int = 64) -> list[list[int]]:
+    """Lists of indices into pairs, deterministic given seed (`padding_fraction` reports what they cost).
+    order="length": shuffle, then sort by length within mega-chunks of chunk_batches batches, cut into batches
+      and shuffle the batches (shuffle=False: one global sort, shortest first) so padding stays small.
+    order="margin": MixDPO's curriculum (Pang et al. 2026, arXiv:2602.00954): easy -> hard, i.e. by
+      score_chosen - score_rejected descending; ties in shuffled order; batches are not reordered."""
+    rng = random.Random(seed)
+    idx = list(range(len(pairs)))
+    if shuffle:
+        rng.shuffle(idx)
+    if order == "margin":
+        missing = sum(p.score_chosen is None or p.score_rejected is None for p in pairs)
+        if missing:
+            raise ValueError(f"order='margin' needs score_chosen and score_rejected; {missing} of {len(pairs)} "
+                             "pairs lack them")
+        idx.sort(key=lambda i: pairs[i].score_chosen - pairs[i].score_rejected, reverse=True)  # stable
+        batches = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+    elif order == "length":
+        chunk = batch_size * chunk_batches if shuffle else max(len(idx), 1)
+        batches = []
+        for k in range(0, len(idx), chunk):
+            part = sorted(idx[k:k + chunk], key=lambda i: pair_length(pairs[i]))
+            batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+        if shuffle:
+            rng.shuffle(batches)
+    else:
+        raise ValueError(f"order={order!r}: expected 'length' or 'margin'")
+    return batches
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp) to a temp file in the same folder, fsync, then os.replace: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_cache(out: Path, cmd: str) -> tuple[dict | None, dict | None]:
+    """(meta, tensors) of a committed cache, (None, None) if there is none; ValueError if corrupt."""
+    meta_path, tensor_path = out / "meta.json", out / "ref_logps.safetensors"
+    if not meta_path.exists():
+        if tensor_path.exists():
+            print(f"ref cache: {out} has no meta.json (an interrupted build); building it again")
+        return None, None
+    fix = f"; the cache is corrupt or truncated: rebuild it with: {cmd}"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{meta_path}: {type(e).__name__}: {e}{fix}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: not a cache header{fix}")
+    try:
+        tensors = load_file(tensor_path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{tensor_path}: {type(e).__name__}: {e}{fix}") from None
+    if _sha256([tensor_path]) != meta.get("tensors_sha256") or len(tensors.get("index", ())) != meta.get("n"):
+        raise ValueError(f"{tensor_path} does not match the tensors_sha256 and n in {meta_path}{fix}")
+    return meta, tensors
+
+
+def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, split: str, max_length: int,
+              max_prompt_length: int, out_dir, dtype: str = "fp16", batch_size: int = 8, device=None,
+              skip_bad_rows: bool = False, rebuild: bool = False) -> tuple[list[Pair], dict[str, torch.Tensor], dict]:
+    """Reference log-probs of every kept pair, from out_dir if its meta.json matches (CACHE_KEYS), else computed
+    in one forward-only pass (fp32 weights, autocast in `dtype` on CUDA; on CPU fp16 falls back to fp32) and
+    written atomically. Returns (pairs, {"ref_chosen_logps", "ref_rejected_logps", "index"}, meta); tensor
+    position k belongs to pairs[k]. rebuild=True ignores (and replaces) an existing cache, corrupt or not."""
+    from model import Qwen2, resolve_model_dir
+
+    out, device = Path(out_dir), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype not in AMP:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(AMP)}")
+    compute = "fp32" if device.type == "cpu" and dtype == "fp16" else dtype
+    flags = dict(model=model_name_or_path, revision=revision, data=data_source, split=split, out=out,
+                 max_length=max_length, max_prompt_length=max_prompt_length, dtype=dtype)
+    cmd = shlex.join(["python", "data.py"] + [x for k, v in flags.items() if v is not None
+                                              for x in (f"--{k.replace('_', '-')}", str(v))]
+                     + ["--skip-bad-rows"] * skip_bad_rows + ["--rebuild"])
+    model_dir = resolve_model_dir(model_name_or_path, revision)
+    rows, data_hash, tok = *load_rows(data_source, split), load_tokenizer(model_dir)
+    pairs, counts = tokenize_pairs(rows, tok, max_length, max_prompt_length,
+                                   source=str(data_source), skip_bad_rows=skip_bad_rows)
+    if not pairs:
+        raise ValueError(f"{data_source}: no pairs left after filtering ({counts}); nothing to cache")
+    meta = dict(format_version=CACHE_FORMAT, model=str(model_name_or_path), revision=revision,
+                weights_sha256=_sha256(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]),
+                tokenizer_sha256=_sha256([model_dir / "tokenizer.json"]), data=str(data_source), split=split,
+                data_sha256=data_hash, max_length=max_length, max_prompt_length=max_prompt_length,
+                template=TEMPLATE_ID, dtype=compute, counts=counts, n=len(pairs))
+    old, tensors = (None, None) if rebuild else _load_cache(out, cmd)
+    if old is not None:
+        diff = [f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in CACHE_KEYS if old.get(k) != meta[k]]
+        if not diff:
+            if tensors["index"].tolist() != [p.row for p in pairs]:  # same header, other rows: a data.py change
+                raise ValueError(f"{out}: its {len(tensors['index'])} cached rows differ from the {len(pairs)} rows "
+                                 f"kept from the data; rebuild it with: {cmd}")
+            print(f"ref cache: reusing {out} ({len(pairs)} pairs; model, tokenizer, data, lengths, dtype match)")
+            return pairs, tensors, old
+        print(f"ref cache: {out} is stale ({'; '.join(diff)}); rebuilding")
+
+    model = Qwen2.from_pretrained(model_name_or_path, revision=revision, dtype=torch.float32).to(device).eval()
+    print(f"ref cache: {model_name_or_path} on {device} in {compute} (asked {dtype}), batch {batch_size}")
+    logps = torch.zeros(2, len(pairs))
+    pad_id, n_tokens, t0 = tok.token_to_id(PAD_TOKEN), 0, time.time()
+    with torch.no_grad(), tqdm(total=len(pairs), desc="ref logps", unit="pair") as bar:
+        for idx in make_batches(pairs, batch_size, shuffle=False)[::-1]:  # longest first: an OOM shows at once
+            batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
+            with torch.autocast(device.type, dtype=AMP[compute], enabled=compute != "fp32"):
+                lp = model.sequence_logps(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            logps[:, idx] = lp.float().cpu().view(2, len(idx))
+            n_tokens += int(batch["attention_mask"].sum())
+            bar.update(len(idx))
+    dt = time.time() - t0
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # the commit marker goes first: a crash below leaves no valid cache
+    tensors = {"ref_chosen_logps": logps[0].contiguous(), "ref_rejected_logps": logps[1].contiguous(),
+               "index": torch.tensor([p.row for p in pairs], dtype=torch.long)}
+    _atomic_write(out / "ref_logps.safetensors", lambda tmp: save_file(tensors, tmp))
+    meta.update(tensors_sha256=_sha256([out / "ref_logps.safetensors"]), tokens_per_s=round(n_tokens / dt),
+                created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    _atomic_write(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    print(f"ref cache: wrote {out} ({len(pairs)} pairs, {n_tokens} tokens in {dt:.1f}s, {n_tokens / dt:.0f} tokens/s)")
+    return pairs, tensors, meta
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Precompute the reference model's summed completion log-probs into "
+                                "OUT/ref_logps.safetensors + OUT/meta.json (train.py reuses them when the header "
+                                "matches).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="reference model: Hub id or local folder")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=DEFAULT_DATASET, help="local .jsonl/.json/.parquet file or Hub dataset id")
+    g.add_argument("--split", default="train", help="Hub split (ignored for local files)")
+    g.add_argument("--max-length", type=int, default=1024, help="max prompt+completion tokens (Yao et al. 2025)")
+    g.add_argument("--max-prompt-length", type=int, default=256, help="max prompt tokens, cut from the left")
+    g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
+    g = p.add_argument_group("output and compute")
+    g.add_argument("--out", required=True, help="cache folder (ref_logps.safetensors + meta.json)")
+    g.add_argument("--dtype", default="fp16", choices=list(AMP), help="autocast dtype (CPU: fp16 runs as fp32)")
+    g.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--rebuild", action="store_true", help="rebuild even if a matching or corrupt cache exists")
+    args = p.parse_args(argv)
+    print("data.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
+    try:
+        ref_cache(args.model, args.revision, args.data, args.split, args.max_length, args.max_prompt_length,
+                  args.out, args.dtype, args.batch_size, args.device, args.skip_bad_rows, args.rebuild)
+    except (ValueError, RuntimeError, ImportError, OSError) as e:
+        sys.exit(f"data.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
