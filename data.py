@@ -92,7 +92,7 @@ def _hub_files(repo: str, split: str, revision: str | None) -> list[Path]:
     try:
         root = Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns))
     except (OSError, HfHubHTTPError, HFValidationError) as e:  # offline, unreachable, no such repo: one line
-        raise RuntimeError(f"{repo}: could not get split {split!r} from the Hugging Face Hub ({type(e).__name__}); "
+        raise ConnectionError(f"{repo}: could not get split {split!r} from the Hugging Face Hub ({type(e).__name__}); "
                            "offline? pass a local .jsonl, .json or .parquet file instead (--data my_prefs.jsonl)"
                            ) from None
     files = sorted(p for p in root.rglob("*.parquet") if any(fnmatch(p.relative_to(root).as_posix(), pat)

@@ -240,7 +240,7 @@ def test_hub_unreachable_is_one_line_suggesting_a_local_file(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConnectionError) as err:
         load_rows("trl-lib/ultrafeedback_binarized", "test")
     msg = str(err.value)
     assert "\n" not in msg and "trl-lib/ultrafeedback_binarized" in msg and "'test'" in msg
