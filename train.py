@@ -304,9 +304,10 @@ def main(argv=None) -> dict:
     model = Qwen2.from_pretrained(args.model, args.revision, dtype=torch.float32).to(device).train()
     model.gradient_checkpointing = args.grad_checkpointing
     pad_id = data.load_tokenizer(args.model).token_to_id(data.PAD_TOKEN)
+    if args.compile:  # the decoder layers only: the scored-token gather and chunked head have data-dependent shapes
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)  # in place: state_dict keys (and checkpoints) stay unchanged
     scorer = SequenceLogps(model, args.logps_chunk_size)
-    if args.compile:  # dynamic: batches differ in length, and a recompile per new shape costs seconds each
-        scorer = torch.compile(scorer, dynamic=True)
     if ddp:
         scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
