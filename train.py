@@ -31,7 +31,8 @@ from model import Qwen2, Qwen2Config
 HERE = Path(__file__).resolve().parent
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
             max_length=128, max_prompt_length=96, epochs=3, lr=1e-3, warmup_ratio=0.05, eval_every=50,
-            log_every=10, out_dir="runs/demo", cache_dir="runs/demo/cache")
+            log_every=10, out_dir="runs/demo", cache_dir="runs/demo/cache",
+            dtype="fp32")  # CPUs emulate fp16 matmuls (20x slower here); --dtype fp16 runs the GradScaler path
 
 
 def loss_hparams() -> dict[str, dict[str, object]]:
@@ -393,7 +394,7 @@ def main(argv=None) -> dict:
                 # sum / global batch, times world: DDP averages gradients over ranks, so this is the global mean
                 loss = per_pair.sum() * world / args.batch_size
                 scaler.scale(loss).backward()
-            step_loss += loss.item() / world
+            step_loss += loss.item() / world  # this rank's share of the global mean
             sums = {key: sums.get(key, 0.0) + v for key, v in s.items()}
             count += len(mb)
             real = int(batch["attention_mask"].sum())
@@ -410,6 +411,8 @@ def main(argv=None) -> dict:
         skipped = not torch.isfinite(grad_norm) or scaler.get_scale() < scale
         counters["skipped_steps"] += int(skipped)
         opt.zero_grad(set_to_none=True)
+        if ddp:  # every rank must take the same stop decision, or the others hang in the next all-reduce
+            step_loss = reduce_sums({"l": step_loss}, 1.0 / world, ddp, device)["l"]
         counters["nan_streak"] = counters["nan_streak"] + 1 if not math.isfinite(step_loss) else 0
         step += 1
         bar.update(1)
