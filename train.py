@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
             max_length=128, max_prompt_length=96, epochs=3, lr=1e-3, warmup_ratio=0.05, eval_every=50,
             log_every=10, out_dir="runs/demo", cache_dir="runs/demo/cache",
-            dtype="fp32")  # CPUs emulate fp16 matmuls (20x slower here); --dtype fp16 runs the GradScaler path
+            dtype="fp32")  # CPU fp16 matmuls are emulated (~40x slower: BENCHMARKS.md); --dtype fp16 still works
 
 
 def loss_hparams() -> dict[str, dict[str, object]]:
