@@ -137,8 +137,12 @@ def test_nan_loss_stops_without_saving_nans(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setitem(losses.LOSSES, "dpo", nan_dpo)
     with pytest.raises(SystemExit, match=r"stopping at step 3: the loss was non-finite for 3 consecutive steps"):
         demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "10", "--eval-split", "", "--nan-patience", "3",
-             "--dtype", "fp16")
+             "--dtype", "fp16", "--log-every", "1")
     assert not (tmp_path / "final").exists()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    # the scaler found NaN gradients every time: each step skipped (and counted), the scale halved each time
+    assert [r["skipped_steps"] for r in rows] == [1, 2]
+    assert rows[1]["fp16_scale"] == rows[0]["fp16_scale"] / 2
 
 
 def test_ddp_gloo_equals_one_process(tmp_path, cache_dir):
