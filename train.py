@@ -61,15 +61,16 @@ def get_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("loss (per-loss defaults are the papers'; printed after resolution)")
     g.add_argument("--loss", default="dpo", choices=sorted(losses.LOSSES), metavar="KEY",
                    help="any key of losses.LOSSES: " + ", ".join(sorted(losses.LOSSES)))
-    users: dict[str, list[str]] = {}
-    for key, hps in loss_hparams().items():
-        for name in hps:
-            users.setdefault(name, []).append(key)
-    for name, keys in sorted(users.items()):
-        default = loss_hparams()[keys[0]][name]
-        kind = {bool: dict(action=argparse.BooleanOptionalAction), str: dict(type=str), int: dict(type=int)}
-        g.add_argument("--" + name.replace("_", "-"), default=None, **kind.get(type(default), dict(type=float)),
-                       help=f"loss hyperparameter '{name}' of: {', '.join(keys)}")
+    hparams = loss_hparams()
+    users: dict[str, dict] = {}  # hyperparameter -> {paper default: [losses using it]}
+    for key, hps in hparams.items():
+        for name, default in hps.items():
+            users.setdefault(name, {}).setdefault(default, []).append(key)
+    kind = {bool: dict(action=argparse.BooleanOptionalAction), str: dict(type=str), int: dict(type=int)}
+    for name, by_default in sorted(users.items()):
+        g.add_argument("--" + name.replace("_", "-"), default=None, **kind.get(type(next(iter(by_default))),
+                       dict(type=float)), help="default " + "; ".join(f"{d} for {', '.join(ks)}"
+                                                                      for d, ks in by_default.items()))
     g.add_argument("--curriculum-steps", type=int, default=0, help="ramp the loss's 'delta' linearly from 0 to "
                    "its value over N steps (margin_sigmoid; Yao et al. 2025 §5.4.4); 0 = off")
     g = p.add_argument_group("optimisation")
@@ -107,7 +108,7 @@ def get_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.out_dir = args.out_dir.format(loss=args.loss)
     args.eval_data = args.eval_data or args.data
-    hps = loss_hparams()[args.loss]
+    hps = hparams[args.loss]
     for name in users:
         if getattr(args, name) is not None and name not in hps:
             p.error(f"--{name.replace('_', '-')} is not a hyperparameter of --loss {args.loss} "
