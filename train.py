@@ -1,7 +1,7 @@
 """Preference fine-tuning of Qwen2.5-0.5B-Instruct with any loss of losses.LOSSES: the bare fp16 AMP loop.
 
     python train.py --loss lmpo                      # Yao et al. 2025 setting: UltraFeedback, 3 epochs, batch 8
-    python train.py --demo --loss dpo                # offline: tiny model from scratch on demo/ (CPU, minutes)
+    python train.py --demo --loss dpo                # offline: tiny model from scratch on demo/ (CPU, < 1 min)
     torchrun --nproc_per_node 8 train.py --loss dpo  # DDP; --batch-size stays the global batch
 
 Reference-based losses read the reference log-probs from a disk cache (data.ref_cache builds it on first use), so
@@ -31,7 +31,7 @@ from model import Qwen2, Qwen2Config
 HERE = Path(__file__).resolve().parent
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
             max_length=128, max_prompt_length=96, epochs=3, lr=1e-3, warmup_ratio=0.05, eval_every=50,
-            log_every=10, out_dir="runs/demo", cache_dir="runs/demo/cache",
+            log_every=10, out_dir="runs/demo-{loss}", cache_dir="runs/demo-cache",
             dtype="fp32")  # CPU fp16 matmuls are emulated (~40x slower: BENCHMARKS.md); --dtype fp16 still works
 
 
@@ -281,6 +281,9 @@ def main(argv=None) -> dict:
     micro = args.micro_batch_size or args.batch_size // world
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume and (out_dir / "metrics.jsonl").exists():  # never mix two runs' rows in one file
+            print(f"{out_dir} holds an earlier run: its metrics.jsonl is replaced (--resume continues it instead)")
+            (out_dir / "metrics.jsonl").unlink()
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
 
