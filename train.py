@@ -298,13 +298,14 @@ def main(argv=None) -> dict:
         batches = data.make_batches(train_pairs, args.batch_size, seed=args.seed + epoch, order=order)
         return [b for b in batches if len(b) == args.batch_size]  # equal shards on every rank
 
-    steps_per_epoch = len(epoch_batches(0))
+    first = epoch_batches(0)
+    steps_per_epoch = len(first)
     dropped = len(train_pairs) - steps_per_epoch * args.batch_size
     total = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
     if rank0:
         print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {steps_per_epoch} steps/epoch "
               f"({dropped} pairs of a partial last batch left out per epoch), {total} steps, padding "
-              f"{data.padding_fraction(train_pairs, epoch_batches(0)):.1%}")
+              f"{data.padding_fraction(train_pairs, first):.1%}")
 
     model = Qwen2.from_pretrained(args.model, args.revision, dtype=torch.float32).to(device).train()
     model.gradient_checkpointing = args.grad_checkpointing
