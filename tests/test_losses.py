@@ -1,9 +1,9 @@
-"""Tests for losses.py against ../shared/losses.md §3: hand-derived values, float64 gradcheck, limit identities,
-z = 0 values, hinge zero gradients, fp16/bf16 inputs, B = 1 and constant batches, running-state evolution, errors,
-the registry, and the README table.
+"""Tests for losses.py: hand-derived values, float64 gradcheck, limit identities, z = 0 values, hinge zero
+gradients, fp16/bf16 inputs, B = 1 and constant batches, running-state evolution, errors, the registry, the
+dispatch helpers `compute` and `defaults`, and the catalogue table in LOSSES.md.
 
-The README's loss table is generated from the registry by `readme_table()` below. After changing a loss's
-signature, docstring first line or the registry, refresh it with:  python tests/test_losses.py --write-readme
+Every test but the direct-call oracle below goes through `losses.compute`, the same dispatch the training loop
+uses; `compute` returns the per-pair losses and a metrics dict holding the rewards and the loss's own extras.
 """
 import ast
 import inspect
@@ -18,13 +18,16 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so `python tests/test_losses.py --write-readme` finds losses.py
+if str(ROOT) not in sys.path:  # so a plain `pytest` (not `python -m pytest`) finds losses.py
     sys.path.insert(0, str(ROOT))
 
 import losses  # noqa: E402
-from losses import GATHERS, LOSSES, NEEDS_REF, NEEDS_SCORES, RUNTIME_KWARGS, STATEFUL, get_loss  # noqa: E402
+from losses import (GATHERS, LOSSES, NEEDS_REF, NEEDS_SCORES, REFERENCE_FREE, RUNTIME_KWARGS, STATEFUL,  # noqa: E402
+                    compute, defaults, get_loss)
 
 NEEDS_TWO = {"aot", "aot_unpaired", "kto"}  # batch-level losses that refuse B = 1
+TRL_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "loss"]
 LN2 = math.log(2)
 
 
@@ -36,16 +39,31 @@ def sp(x: float) -> float:  # softplus = −log σ(−x)
     return math.log1p(math.exp(x))
 
 
-def run(key, b, state=None, metrics=None, dtype=None, **hp):
-    """Call LOSSES[key] on batch dict `b` the way train.py does (None refs for reference-free keys)."""
+def as_batch(b, dtype=None):
+    """`compute`'s batch dict from a test batch with short keys; `dtype` casts the log-probs (policy and reference)."""
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    return {"chosen_logps": cast(b["pc"]), "rejected_logps": cast(b["pr"]), "ref_chosen_logps": cast(b["rc"]),
+            "ref_rejected_logps": cast(b["rr"]), "chosen_lens": b["lc"], "rejected_lens": b["lr"],
+            "chosen_scores": b["sw"], "rejected_scores": b["sl"]}
+
+
+def run(key, b, state=None, gather=None, dtype=None, **hp):
+    """losses.compute(key, ...) on test batch `b` with hyperparameters `hp` (a fresh state for stateful keys unless
+    one is given): (losses [B], metrics), rewards in metrics["rewards/chosen"], ["rewards/rejected"]."""
+    if state is None and key in STATEFUL:
+        state = {}
+    return compute(key, as_batch(b, dtype), hp, state=state, gather=gather)
+
+
+def direct(key, b, state=None, metrics=None, **hp):
+    """LOSSES[key] called by hand, without `compute`: the oracle for the dispatch tests."""
     kw = dict(hp)
     if key in NEEDS_SCORES:
         kw.update(chosen_scores=b["sw"], rejected_scores=b["sl"])
     if key in STATEFUL:
         kw["state"] = {} if state is None else state
-    refs = (cast(b["rc"]), cast(b["rr"])) if key in NEEDS_REF else (None, None)
-    return LOSSES[key](cast(b["pc"]), cast(b["pr"]), *refs, b["lc"], b["lr"], metrics=metrics, **kw)
+    refs = (b["rc"], b["rr"]) if key in NEEDS_REF else (None, None)
+    return LOSSES[key](b["pc"], b["pr"], *refs, b["lc"], b["lr"], metrics=metrics, **kw)
 
 
 def make(*pairs, sw=None, sl=None, dtype=torch.float64):
@@ -90,7 +108,7 @@ def hand(key):
 def hand_dpo():
     """P1: z = 2, β = ½ ⇒ βz = 1. ε = ¼: 0.75·(−log σ(1)) + 0.25·(−log σ(−1)) = 0.75·log(1+e⁻¹) + 0.25·log(1+e).
     Rewards β·Δ = (½, −½)."""
-    return dict(b=make(P1), hp=dict(beta=0.5, epsilon=0.25),
+    return dict(b=make(P1), hp=dict(beta=0.5, label_smoothing=0.25),
                 losses=[0.75 * math.log1p(math.exp(-1)) + 0.25 * math.log1p(math.e)], rewards=([0.5], [-0.5]))
 
 
@@ -98,7 +116,7 @@ def hand_dpo():
 def hand_robust():
     """P1, β = ½, ε = ¼: [−0.75·log σ(1) + 0.25·log σ(−1)]/(1 − ½) = 2·[0.75·log(1+e⁻¹) − 0.25·log(1+e)]
     (negative: robust DPO is unbounded below)."""
-    return dict(b=make(P1), hp=dict(beta=0.5, epsilon=0.25),
+    return dict(b=make(P1), hp=dict(beta=0.5, flip_rate=0.25),
                 losses=[2 * (0.75 * math.log1p(math.exp(-1)) - 0.25 * math.log1p(math.e))])
 
 
@@ -112,7 +130,7 @@ def hand_hinge():
 def hand_slic():
     """P1, δ = 3, λ = 0.1: max(0, 3 − (−3) + (−5)) = 1; −λ·S_w/|y_w| = −0.1·(−3/2) = 0.15; total 1.15.
     Rewards A = (−1.5, −1.25)."""
-    return dict(b=make(P1), hp=dict(delta=3.0, lam=0.1), losses=[1.15], rewards=([-1.5], [-1.25]))
+    return dict(b=make(P1), hp=dict(margin=3.0, nll_weight=0.1), losses=[1.15], rewards=([-1.5], [-1.25]))
 
 
 @hand("ipo")
@@ -125,7 +143,7 @@ def hand_ipo():
 def hand_exo():
     """P1, β = ½, ε = ¼: q = σ(1); q·(log q − log ¾) + (1 − q)·(log(1 − q) − log ¼)."""
     q = sig(1.0)
-    return dict(b=make(P1), hp=dict(beta=0.5, epsilon=0.25),
+    return dict(b=make(P1), hp=dict(beta=0.5, label_smoothing=0.25),
                 losses=[q * (math.log(q) - math.log(0.75)) + (1 - q) * (math.log(1 - q) - math.log(0.25))])
 
 
@@ -162,7 +180,7 @@ def hand_aot_unpaired():
     """[P2, P1], β = ½, ε = ¼: Δ_w = (2, 1), Δ_l = (−2, −1); sorted (1, 2) − (−2, −1) = (3, 3) (unsorted (4, 2)):
     each rank 0.75·log(1+e^{−1.5}) + 0.25·log(1+e^{1.5})."""
     v = 0.75 * math.log1p(math.exp(-1.5)) + 0.25 * math.log1p(math.exp(1.5))
-    return dict(b=make(P2, P1), hp=dict(beta=0.5, epsilon=0.25), losses=[v, v])
+    return dict(b=make(P2, P1), hp=dict(beta=0.5, label_smoothing=0.25), losses=[v, v])
 
 
 @hand("apo_zero")
@@ -193,14 +211,14 @@ def hand_dpo_norm():
 @hand("rdpo")
 def hand_rdpo():
     """P1, β = ½, α = ¼: βz + α(|y_w| − |y_l|) = 1 + ¼·(2 − 4) = ½ ⇒ log(1+e^{−½})."""
-    return dict(b=make(P1), hp=dict(beta=0.5, alpha=0.25), losses=[math.log1p(math.exp(-0.5))])
+    return dict(b=make(P1), hp=dict(beta=0.5, length_weight=0.25), losses=[math.log1p(math.exp(-0.5))])
 
 
 @hand("odpo")
 def hand_odpo():
     """[P1 scored (6, 4), P1 scored (3, 3)], β = ½, α = 1: offset log 2 ⇒ −log σ(1 − ln 2) = log(1 + 2/e);
     the tie is masked (offset 0) ⇒ log(1 + 1/e). Tie fraction ½."""
-    return dict(b=make(P1, P1, sw=[6.0, 3.0], sl=[4.0, 3.0]), hp=dict(beta=0.5, alpha=1.0),
+    return dict(b=make(P1, P1, sw=[6.0, 3.0], sl=[4.0, 3.0]), hp=dict(beta=0.5, offset_scale=1.0),
                 losses=[math.log1p(2 / math.e), math.log1p(1 / math.e)], metrics={"odpo/tie_fraction": 0.5})
 
 
@@ -219,7 +237,7 @@ def hand_alpha_dpo():
 @hand("focalpo")
 def hand_focalpo():
     """P1, β = ½, γ = 1: −σ(1)·log σ(1) = σ(1)·log(1+e⁻¹)."""
-    return dict(b=make(P1), hp=dict(beta=0.5, gamma=1.0), losses=[sig(1.0) * math.log1p(math.exp(-1))])
+    return dict(b=make(P1), hp=dict(beta=0.5, focal_gamma=1.0), losses=[sig(1.0) * math.log1p(math.exp(-1))])
 
 
 @hand("kto")
@@ -241,7 +259,7 @@ def hand_simpo():
 @hand("cpo")
 def hand_cpo():
     """P1, β = ½, α = 1: −log σ(½·2) − (−1.5) = log(1+e⁻¹) + 1.5. Rewards β·A = (−0.75, −0.625)."""
-    return dict(b=make(P1), hp=dict(beta=0.5, alpha=1.0), losses=[math.log1p(math.exp(-1)) + 1.5],
+    return dict(b=make(P1), hp=dict(beta=0.5, nll_weight=1.0), losses=[math.log1p(math.exp(-1)) + 1.5],
                 rewards=([-0.75], [-0.625]))
 
 
@@ -250,7 +268,7 @@ def hand_orpo():
     """A_w = ln ½ (S = 2 ln ½, |y| = 2), A_l = ln ¼ (|y| = 1), λ = 0.1: log(1 − e^{A}) = ln ½ and ln ¾, so
     ℓ = (ln ½ − ln ¼) − (ln ½ − ln ¾) = ln 3; loss = ln 2 − 0.1·log σ(ln 3) = ln 2 + 0.1·ln(4/3)."""
     p = dict(pc=2 * math.log(0.5), pr=math.log(0.25), rc=0.0, rr=0.0, lc=2, lr=1)
-    return dict(b=make(p), hp=dict(lam=0.1), losses=[LN2 + 0.1 * math.log(4 / 3)],
+    return dict(b=make(p), hp=dict(odds_ratio_weight=0.1), losses=[LN2 + 0.1 * math.log(4 / 3)],
                 rewards=([math.log(0.5)], [math.log(0.25)]))
 
 
@@ -264,7 +282,7 @@ def hand_sft():
 @hand("rpo")
 def hand_rpo():
     """P1, β = ½, α = ½: log(1+e⁻¹) + ½·1.5."""
-    return dict(b=make(P1), hp=dict(beta=0.5, alpha=0.5), losses=[math.log1p(math.exp(-1)) + 0.75])
+    return dict(b=make(P1), hp=dict(beta=0.5, nll_weight=0.5), losses=[math.log1p(math.exp(-1)) + 0.75])
 
 
 @hand("apo_hinge_zero")
@@ -284,7 +302,8 @@ def hand_apo_hinge_softplus():
 @hand("margin_sigmoid")
 def hand_margin_sigmoid():
     """P1, β = ½, δ = ½, ε = ¼: ℓ⁺ = log(1+e⁻¹) ≈ 0.313 < δ ⇒ 0; ℓ⁻ = log(1+e) ⇒ 0.25·(log(1+e) − ½)."""
-    return dict(b=make(P1), hp=dict(beta=0.5, delta=0.5, epsilon=0.25), losses=[0.25 * (math.log1p(math.e) - 0.5)],
+    return dict(b=make(P1), hp=dict(beta=0.5, delta=0.5, label_smoothing=0.25),
+                losses=[0.25 * (math.log1p(math.e) - 0.5)],
                 metrics={"margin_sigmoid/active_fraction": 0.0})
 
 
@@ -299,7 +318,7 @@ def hand_lmpo():
     pb = dict(pc=0.5 * math.log(0.75), pr=4.5 * math.log(0.25), rc=0.0, rr=0.0, lc=1, lr=3)
     ga = LN2 - 0.5 / math.sqrt(2)
     gb = 0.5 * math.log(0.75) - 1.5 * math.log(0.25) + 0.5 / math.sqrt(2)
-    return dict(b=make(pa, pb), hp=dict(beta=1.0, gamma_beta_ratio=0.5, lam=0.5),
+    return dict(b=make(pa, pb), hp=dict(beta=1.0, gamma_beta_ratio=0.5, margin_weight=0.5),
                 losses=[sp(0.5 - ga), sp(0.5 - gb)],
                 rewards=([math.log(0.5), 0.5 * math.log(0.75)], [math.log(0.25), 1.5 * math.log(0.25)]),
                 metrics={"lmpo/a": (ma + mb) / 2, "lmpo/b": abs(ma - mb) / math.sqrt(2), "lmpo/margin": (ma + mb) / 2})
@@ -319,7 +338,7 @@ def hand_amapo():
 def hand_mixdpo():
     """[P1, P1, P2] scored (5, 4), (4, 4), (4, 4), β = ½, τ = ½: pair 0 easy ⇒ DPO log(1+e⁻¹); pairs 1, 2 hard:
     n_hard = 2, Σ_hard|y_w| = 3 ⇒ −S·2/3 = (2, 2/3) (their sum = n_hard × token mean 4/3). Easy fraction 1/3."""
-    return dict(b=make(P1, P1, P2, sw=[5.0, 4.0, 4.0], sl=[4.0, 4.0, 4.0]), hp=dict(beta=0.5, tau=0.5),
+    return dict(b=make(P1, P1, P2, sw=[5.0, 4.0, 4.0], sl=[4.0, 4.0, 4.0]), hp=dict(beta=0.5, difficulty_threshold=0.5),
                 losses=[math.log1p(math.exp(-1)), 2.0, 2 / 3], rewards=([0.5, 0.5, 1.0], [-0.5, -0.5, -1.0]),
                 metrics={"mixdpo/easy_fraction": 1 / 3})
 
@@ -333,21 +352,24 @@ def close(a, b, tol=1e-10):
 def test_hand_value(key):
     assert key in HAND, f"{key}: add a @hand({key!r}) case with its derivation in the docstring"
     case = HAND[key]()
-    state, metrics = ({} if key in STATEFUL else None), {}
-    out, cr, rr = run(key, case["b"], state=state, metrics=metrics, **case["hp"])
+    state = {} if key in STATEFUL else None
+    out, m = run(key, case["b"], state=state, **case["hp"])
     assert close(out, case["losses"]), (out, case["losses"])
     if "rewards" in case:
+        cr, rr = m["rewards/chosen"], m["rewards/rejected"]
         assert close(cr, case["rewards"][0]) and close(rr, case["rewards"][1]), (cr, rr)
-    for name, want in case.get("metrics", {}).items():
-        assert close(metrics[name], want, tol=1e-6), (name, metrics[name], want)  # fractions are fp32
+    for name, want in case.get("metrics", {}).items():  # batch values, expanded to [B] by compute
+        assert close(m[name], [want] * len(out), tol=1e-6), (name, m[name], want)  # fractions are fp32
     for name, want in case.get("state", {}).items():
         assert close(state[name], want), (name, state[name], want)
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # gradcheck (float64). Losses with stop-gradient batch terms would fail plain gradcheck (finite differences move
-# the sg terms too), so for them the test freezes the spec formula: sg terms computed once, by independent code, at
-# the base point; gradcheck that frozen form, and require the loss's value and autograd gradient to equal its own.
+# the sg terms too), so for them the test freezes the documented formula: sg terms computed once, by independent
+# code, at the base point; gradcheck that frozen form, and require the loss's value and autograd gradient to equal
+# its own.
 # ---------------------------------------------------------------------------------------------------------------
 
 def frozen_kto(b, beta=0.1):
@@ -362,12 +384,12 @@ def frozen_amapo(b, beta=2.0):
     return lambda pc, pr: F.softplus(big - beta * (pc / b["lc"] - pr / b["lr"]))
 
 
-def frozen_lmpo(b, beta=2.0, gamma_beta_ratio=0.5, lam=0.2, k=5):
+def frozen_lmpo(b, beta=2.0, gamma_beta_ratio=0.5, margin_weight=0.2, k=5):
     mid = (b["lc"] + b["lr"]) / 2
     pw, pl = torch.exp(b["pc"] * mid / b["lc"] ** 2), torch.exp(b["pr"] * mid / b["lr"] ** 2)  # e^{A·L̄/|y|}
     m = (1 - pw) * (1 - (pw - pl) ** k)
     z = (m - m.mean()) / m.std()  # fresh state: a, b are this batch's statistics
-    return lambda pc, pr: F.softplus(beta * gamma_beta_ratio - beta * (pc / b["lc"] - pr / b["lr"]) + lam * z)
+    return lambda pc, pr: F.softplus(beta * gamma_beta_ratio - beta * (pc / b["lc"] - pr / b["lr"]) + margin_weight * z)
 
 
 def frozen_alpha_dpo(b, beta=2.5, gamma_beta_ratio=0.3, alpha=0.1):
@@ -394,6 +416,7 @@ def test_gradcheck(key):
         assert torch.autograd.gradcheck(f, x)
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Identities and special values
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,30 +427,33 @@ def test_identities():
     z = (b["pc"] - b["rc"]) - (b["pr"] - b["rr"])
     assert close(L("dpo", beta=0.3), -F.logsigmoid(0.3 * z))
     swapped = {**b, "pc": b["pr"], "pr": b["pc"], "rc": b["rr"], "rr": b["rc"]}
-    assert close(L("dpo", epsilon=0.2), 0.8 * L("dpo") + 0.2 * run("dpo", swapped)[0])  # cDPO = label smoothing
-    assert close(L("robust", epsilon=0.0), L("dpo"))
-    assert close(L("margin_sigmoid", delta=0.0, epsilon=0.0), L("dpo"))
-    assert close(L("focalpo", gamma=0.0), L("dpo"))
+    assert close(L("dpo", label_smoothing=0.2), 0.8 * L("dpo") + 0.2 * run("dpo", swapped)[0])  # cDPO
+    assert close(L("robust", flip_rate=0.0), L("dpo"))
+    assert close(L("margin_sigmoid", delta=0.0, label_smoothing=0.0), L("dpo"))
+    assert close(L("focalpo", focal_gamma=0.0), L("dpo"))
     assert close(L("alpha_dpo", alpha=0.0), L("simpo", beta=2.5, gamma_beta_ratio=0.3))
     for margin_fn in ("pow", "log", "sigmoid"):
         for zscore in (True, False):
-            assert close(L("lmpo", lam=0.0, margin_fn=margin_fn, zscore=zscore), L("simpo"))
+            assert close(L("lmpo", margin_weight=0.0, margin_fn=margin_fn, zscore=zscore), L("simpo"))
     assert close(L("amapo", adaptive=False), L("simpo", gamma_beta_ratio=0.0))
-    assert close(L("mixdpo", tau=-1e9), L("dpo"))
-    assert close(L("mixdpo", tau=1e9), L("sft"))
-    assert close(L("rpo", alpha=0.5), L("dpo") - 0.5 * b["pc"] / b["lc"])
+    assert close(L("mixdpo", difficulty_threshold=-1e9), L("dpo"))
+    assert close(L("mixdpo", difficulty_threshold=1e9), L("sft"))
+    assert close(L("rpo", nll_weight=0.5), L("dpo") - 0.5 * b["pc"] / b["lc"])
     assert close(L("sft").mean(), -b["pc"].sum() / b["lc"].sum())
 
 
 def test_policy_equals_reference():
-    """z = 0: DPO = ln 2, cDPO/robust = ln 2, APO-hinge-zero = 2m, margin-sigmoid = ln 2 − δ; rewards 0."""
+    """z = 0: DPO = ln 2, cDPO/robust = ln 2, APO-hinge-zero = 2m, margin-sigmoid = ln 2 − δ; rewards 0, so every
+    pair is a tie and the accuracy is ½."""
     b = rand_batch(B=5, seed=3)
     b = {**b, "rc": b["pc"].clone(), "rr": b["pr"].clone()}
     for key in sorted(NEEDS_REF):
-        _, cr, rr = run(key, b)
-        assert torch.equal(cr, torch.zeros_like(cr)) and torch.equal(rr, torch.zeros_like(rr)), key
+        m = run(key, b)[1]
+        assert torch.equal(m["rewards/chosen"], torch.zeros(5, dtype=torch.float64)), key
+        assert torch.equal(m["rewards/rejected"], torch.zeros(5, dtype=torch.float64)), key
+        assert torch.equal(m["rewards/accuracies"], torch.full((5,), 0.5, dtype=torch.float64)), key
     assert close(run("dpo", b)[0], [LN2] * 5)
-    assert close(run("dpo", b, epsilon=0.3)[0], [LN2] * 5)
+    assert close(run("dpo", b, label_smoothing=0.3)[0], [LN2] * 5)
     assert close(run("robust", b)[0], [LN2] * 5)
     assert close(run("apo_hinge_zero", b, margin=0.7)[0], [1.4] * 5)
     assert close(run("margin_sigmoid", b, delta=0.2)[0], [LN2 - 0.2] * 5)
@@ -436,14 +462,14 @@ def test_policy_equals_reference():
 def test_hinges_have_exactly_zero_gradient_past_the_margin():
     far = make(P4)  # Δ_w = 6, Δ_l = −6, z = 12
     for key, hp in [("hinge", dict(beta=0.1)), ("apo_hinge_zero", dict(beta=0.5, margin=1.0)),
-                    ("margin_sigmoid", dict(beta=0.5, delta=0.1, epsilon=0.0))]:
+                    ("margin_sigmoid", dict(beta=0.5, delta=0.1, label_smoothing=0.0))]:
         pc, pr = far["pc"].clone().requires_grad_(), far["pr"].clone().requires_grad_()
         loss = run(key, {**far, "pc": pc, "pr": pr}, **hp)[0].sum()
         assert loss.item() == 0.0, key
         gc, gr = torch.autograd.grad(loss, (pc, pr), allow_unused=True)
         assert gc is not None and gr is not None and not gc.any() and not gr.any(), key
     pc = far["pc"].clone().requires_grad_()  # slic past its margin: only the NLL regulariser is left
-    gc, = torch.autograd.grad(run("slic", {**far, "pc": pc}, delta=1.0, lam=0.1)[0].sum(), (pc,))
+    gc, = torch.autograd.grad(run("slic", {**far, "pc": pc}, margin=1.0, nll_weight=0.1)[0].sum(), (pc,))
     assert close(gc, [-0.1])
 
 
@@ -455,12 +481,13 @@ def test_hinges_have_exactly_zero_gradient_past_the_margin():
 @pytest.mark.parametrize("key", list(LOSSES))
 def test_half_precision_inputs_give_the_fp32_answer(key, dtype):
     b = rand_batch(seed=4)
-    low = run(key, b, dtype=dtype)
+    low, low_m = run(key, b, dtype=dtype)
     b32 = {k: (v.to(dtype).float() if k in ("pc", "pr", "rc", "rr") else v) for k, v in b.items()}
-    ref = run(key, b32)
-    for x, y in zip(low, ref):
-        assert x.dtype == torch.float32 and x.shape == (6,)
-        assert torch.allclose(x, y, rtol=1e-6, atol=1e-6), key
+    ref, ref_m = run(key, b32)
+    assert set(low_m) == set(ref_m), key
+    for name, x, y in [("losses", low, ref)] + [(n, low_m[n], ref_m[n]) for n in ref_m]:
+        assert x.dtype == torch.float32 and x.shape == (6,), (key, name)
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-6), (key, name)
 
 
 @pytest.mark.parametrize("key", list(LOSSES))
@@ -471,9 +498,9 @@ def test_degenerate_batches_are_finite(key):
     cases = [same, at_ref] if key in NEEDS_TWO else [one, same, at_ref]
     for b in cases:
         pc = b["pc"].clone().requires_grad_()
-        out = run(key, {**b, "pc": pc})
-        assert all(torch.isfinite(t).all() for t in out), (key, out)
-        assert torch.isfinite(torch.autograd.grad(out[0].sum(), pc)[0]).all(), key
+        out, m = run(key, {**b, "pc": pc})
+        assert torch.isfinite(out).all() and all(torch.isfinite(v).all() for v in m.values()), (key, out, m)
+        assert torch.isfinite(torch.autograd.grad(out.sum(), pc)[0]).all(), key
     if key in NEEDS_TWO:
         with pytest.raises(ValueError, match="at least 2 pairs"):
             run(key, one)
@@ -484,10 +511,13 @@ def test_rewards_detached_metrics_detached_and_per_key():
     for key in LOSSES:
         x = {**b, "pc": b["pc"].clone().requires_grad_(), "pr": b["pr"].clone().requires_grad_()}
         metrics = {}
-        out, cr, rr = run(key, x, metrics=metrics)
+        out, cr, rr = direct(key, x, metrics=metrics)  # the function itself: 0-d extras named "<key>/..."
         assert out.requires_grad and not cr.requires_grad and not rr.requires_grad, key
         for name, v in metrics.items():
             assert name.startswith(key + "/") and torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad, name
+        out, m = run(key, x)  # compute: the same losses, attached; every metric detached, [B]
+        assert out.requires_grad, key
+        assert all(not v.requires_grad and v.shape == (6,) for v in m.values()), key
 
 
 def test_lmpo_state_evolution():
@@ -498,7 +528,7 @@ def test_lmpo_state_evolution():
     z = (¾ − 21/32)/(b₁/4) = 1.5√2 and loss = softplus(½ + 0.1·1.5√2)."""
     def batch(ps):
         return make(*[dict(pc=math.log(p), pr=math.log(p), rc=0.0, rr=0.0, lc=1, lr=1) for p in ps])
-    state, hp = {}, dict(decay=0.5, lam=0.1, beta=1.0, gamma_beta_ratio=0.5)
+    state, hp = {}, dict(decay=0.5, margin_weight=0.1, beta=1.0, gamma_beta_ratio=0.5)
     b1 = 0.25 / math.sqrt(2)
     run("lmpo", batch([0.5, 0.25]), state=state, **hp)
     assert close(state["a"], 5 / 8) and close(state["b"], b1)
@@ -566,24 +596,20 @@ def test_hyperparameter_errors():
     with pytest.raises(ValueError, match="ln 2"):
         run("margin_sigmoid", make(P1), delta=math.log(2))
     run("margin_sigmoid", make(P1), delta=0.69)
-    with pytest.raises(ValueError, match="epsilon"):
-        run("robust", make(P1), epsilon=0.5)
-    with pytest.raises(ValueError, match="epsilon"):
-        run("exo", make(P1), epsilon=0.0)
+    with pytest.raises(ValueError, match="robust: flip_rate=0.5"):
+        run("robust", make(P1), flip_rate=0.5)
+    with pytest.raises(ValueError, match="exo: label_smoothing=0.0"):
+        run("exo", make(P1), label_smoothing=0.0)
     with pytest.raises(ValueError, match="margin_fn"):
         run("lmpo", make(P1), margin_fn="cube")
 
 
-def test_delta_schedule():
-    assert [losses.delta_schedule(s, 100, 0.3) for s in (0, 50, 100, 500)] == [0.0, 0.15, 0.3, 0.3]
-    assert losses.delta_schedule(0, 0, 0.3) == 0.3
-
-
 def test_unknown_key_lists_valid_keys():
     assert get_loss("simpo") is losses.simpo
-    with pytest.raises(KeyError) as err:
-        get_loss("dpoo")
-    assert all(key in str(err.value) for key in LOSSES)
+    for call in (lambda: get_loss("dpoo"), lambda: defaults("dpoo"), lambda: compute("dpoo", as_batch(make(P1)))):
+        with pytest.raises(KeyError) as err:
+            call()
+        assert all(key in str(err.value) for key in LOSSES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -598,8 +624,10 @@ def test_registry():
     positional = ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lens",
                   "rejected_lens"]
     for key, fn in LOSSES.items():
-        first = (inspect.getdoc(fn) or "").splitlines()[0] if inspect.getdoc(fn) else ""
+        doc = inspect.getdoc(fn) or ""
+        first = doc.splitlines()[0] if doc else ""
         assert re.search(r"\(.*(\b(19|20)\d\d\b|arXiv).*\)", first), f"{key}: docstring must cite its source"
+        assert "\nArgs:\n" in doc and "\nReturns: (losses [B]" in doc and "[B]" in doc, f"{key}: Args/Returns"
         params = inspect.signature(fn).parameters
         assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional, key
         kw = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
@@ -608,7 +636,22 @@ def test_registry():
         assert ("chosen_scores" in kw) == ("rejected_scores" in kw) == (key in NEEDS_SCORES), key
         assert ("state" in kw) == (key in STATEFUL) and ("gather" in kw) == (key in GATHERS), key
         assert all(p.default is not p.empty for n, p in kw.items() if n not in RUNTIME_KWARGS), key
+        assert all(re.search(rf"\b{n}[:,]", doc) for n in kw), f"{key}: every keyword argument documented in Args"
         assert fn.__annotations__.get("return") is not None, key
+
+
+def test_hyperparameter_names_have_one_meaning():
+    """CLI flags are generated from these names, so a name means the same thing in every loss that takes it."""
+    owners = {}
+    for key in LOSSES:
+        for name in defaults(key):
+            owners.setdefault(name, set()).add(key)
+    assert owners["label_smoothing"] == {"dpo", "aot", "aot_unpaired", "margin_sigmoid", "exo"}
+    assert owners["nll_weight"] == {"slic", "cpo", "rpo"}
+    assert owners["margin"] == {"slic", "apo_hinge_zero", "apo_hinge_softplus"}
+    assert owners["delta"] == {"margin_sigmoid"} and owners["tau"] == {"discopop"}
+    assert owners["alpha"] == {"alpha_dpo"} and owners["flip_rate"] == {"robust"}
+    assert not {"epsilon", "lam", "k", "gamma"} & set(owners)
 
 
 def test_needs_ref_is_exact():
@@ -619,47 +662,115 @@ def test_needs_ref_is_exact():
         assert not close(run(key, b)[0], run(key, moved)[0]), key
 
 
-def test_losses_py_imports_only_torch_and_math():
-    tree = ast.parse((ROOT / "losses.py").read_text())
+def test_losses_py_imports_only_torch_math_and_the_stdlib_it_needs():
+    tree = ast.parse((ROOT / "losses.py").read_text(encoding="utf-8"))
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert names <= {"torch", "math"}, names
+    assert names <= {"torch", "math", "inspect", "collections", "typing"}, names
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# README table (generated from the registry; refresh: python tests/test_losses.py --write-readme)
+# Dispatch helpers: defaults, compute
 # ---------------------------------------------------------------------------------------------------------------
-START, END = "<!-- losses:start -->", "<!-- losses:end -->"
+
+def test_defaults():
+    assert defaults("simpo") == {"beta": 2.0, "gamma_beta_ratio": 0.5}
+    assert defaults("sft") == {}
+    assert list(defaults("lmpo"))[:4] == ["beta", "gamma_beta_ratio", "margin_weight", "margin_power"]
+    for key in LOSSES:
+        assert not set(defaults(key)) & set(RUNTIME_KWARGS), key
 
 
-def readme_table() -> str:
-    lines = ["Each loss returns per-pair losses (the batch loss is their mean) and detached rewards; its "
-             "hyperparameters are keyword arguments with the defaults below (reference: needs the reference "
-             "log-probs; scores: needs annotation scores; state: carries running statistics). "
-             "Refresh with `python tests/test_losses.py --write-readme`.", "",
-             "| key | method (paper) | reference | scores | state | defaults |", "|---|---|---|---|---|---|"]
-    for key, fn in LOSSES.items():
-        method = inspect.getdoc(fn).splitlines()[0].rstrip(".")
-        params = inspect.signature(fn).parameters.items()
-        hp = ", ".join(f"{n}={p.default!r}" for n, p in params if p.kind is p.KEYWORD_ONLY and n not in RUNTIME_KWARGS)
-        yes = lambda s: "yes" if key in s else "no"  # noqa: E731
-        lines.append(f"| `{key}` | {method} | {yes(NEEDS_REF)} | {yes(NEEDS_SCORES)} | {yes(STATEFUL)} | "
-                     f"{f'`{hp}`' if hp else '—'} |")
-    return "\n".join(lines)
+@pytest.mark.parametrize("key", list(LOSSES))
+def test_compute_equals_a_direct_call(key):
+    """Same losses, rewards and extras as calling the function by hand; TRL metrics from them; extras expanded
+    to [B] so that their mean over pairs is the batch value; the state updated once."""
+    b = rand_batch(seed=11)
+    extras, state, state2 = {}, {}, {}
+    want, cr, rr = direct(key, b, state=state, metrics=extras)
+    out, m = compute(key, as_batch(b), defaults(key), state=state2 if key in STATEFUL else None)
+    assert torch.equal(out, want) and out.dtype == torch.float64
+    assert list(m) == TRL_METRICS + list(extras)
+    assert torch.equal(m["rewards/chosen"], cr) and torch.equal(m["rewards/rejected"], rr)
+    assert torch.equal(m["rewards/margins"], cr - rr) and torch.equal(m["loss"], want)
+    assert torch.equal(m["rewards/accuracies"], (cr > rr).double() + 0.5 * (cr == rr).double())
+    assert torch.equal(m["logps/chosen"], b["pc"]) and torch.equal(m["logps/rejected"], b["pr"])
+    for name, v in extras.items():
+        assert m[name].shape == (6,) and close(m[name].mean(), v), name
+    assert state2.keys() == state.keys() and all(close(state2[k], state[k]) for k in state)
 
 
-def test_readme_table_matches_registry():
-    text = (ROOT / "README.md").read_text()
-    assert START in text and END in text, "README.md lost its losses markers"
-    region = text[text.index(START) + len(START):text.index(END)]
-    assert region == "\n" + readme_table() + "\n", "stale README loss table: python tests/test_losses.py --write-readme"
+def test_compute_accuracies_count_ties_as_half():
+    """DPO, β = ½: P1 has rewards (½, −½): right; P2 at the reference has (0, 0): a tie; P1 with chosen and
+    rejected swapped has (−½, ½): wrong. Accuracies (1, ½, 0), margins (1, 0, −1)."""
+    tie = {**P2, "rc": P2["pc"], "rr": P2["pr"]}
+    flipped = dict(pc=P1["pr"], pr=P1["pc"], rc=P1["rr"], rr=P1["rc"], lc=P1["lr"], lr=P1["lc"])
+    m = run("dpo", make(P1, tie, flipped), beta=0.5)[1]
+    assert close(m["rewards/accuracies"], [1.0, 0.5, 0.0]) and close(m["rewards/margins"], [1.0, 0.0, -1.0])
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--write-readme"]:
-        path = ROOT / "README.md"
-        text = path.read_text()
-        i, j = text.index(START) + len(START), text.index(END)
-        path.write_text(text[:i] + "\n" + readme_table() + "\n" + text[j:])
-    else:
-        print(readme_table())
+@pytest.mark.parametrize("key", sorted(REFERENCE_FREE))
+def test_compute_reference_free_keys_ignore_missing_refs(key):
+    b = as_batch(rand_batch(seed=12))
+    no_ref = {k: v for k, v in b.items() if not k.startswith("ref_")}
+    state = {} if key in STATEFUL else None
+    out = compute(key, no_ref, state=state)[0]
+    assert torch.equal(out, compute(key, b, state={} if key in STATEFUL else None)[0])
+    with pytest.raises(KeyError, match="ref_chosen_logps"):
+        compute("dpo", no_ref)
+
+
+def test_compute_rejects_unknown_hyperparameters():
+    b = as_batch(make(P1))
+    with pytest.raises(ValueError, match=r"simpo: unknown hyperparameter\(s\) betta; valid: beta, gamma_beta_ratio"):
+        compute("simpo", b, {"betta": 1.0})
+    for key, old in [("dpo", "epsilon"), ("slic", "lam"), ("cpo", "alpha"), ("mixdpo", "tau"), ("focalpo", "gamma")]:
+        with pytest.raises(ValueError, match=f"{key}: unknown hyperparameter.*{old}"):
+            compute(key, b, {old: 0.1})
+    with pytest.raises(ValueError, match="sft: unknown hyperparameter.*beta; valid: none"):
+        compute("sft", b, {"beta": 0.1})
+    with pytest.raises(ValueError, match="metrics"):  # run-time inputs are not hyperparameters
+        compute("dpo", b, {"metrics": {}})
+
+
+def test_compute_state_and_gather_go_only_where_they_belong():
+    b = as_batch(rand_batch(seed=13))
+    for key in sorted(STATEFUL):
+        with pytest.raises(ValueError, match=f"{key} keeps running statistics"):
+            compute(key, b)
+    boom = lambda t: 1 / 0  # noqa: E731  (would raise if called)
+    out, _ = compute("dpo", b, state={"x": 1}, gather=boom)  # ignored by a key that takes neither
+    assert torch.equal(out, compute("dpo", b)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LOSSES.md (the catalogue) and README's loss list
+# ---------------------------------------------------------------------------------------------------------------
+
+def losses_md_table():
+    """LOSSES.md's one table: (header cells, [(key, cells)] of its loss rows); section rows (bold) are skipped."""
+    lines = [line for line in (ROOT / "LOSSES.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    split = lambda line: [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]  # noqa: E731
+    assert sum(bool(re.fullmatch(r"\|( *:?-{3,}:? *\|)+", line.replace(" ", ""))) for line in lines) == 1, \
+        "LOSSES.md must hold exactly one table"
+    header, rows = split(lines[0]), [split(line) for line in lines[2:]]
+    assert all(len(r) == len(header) for r in rows), [r for r in rows if len(r) != len(header)]
+    assert all(re.fullmatch(r"`\w+`|\*\*.+\*\*", r[0]) for r in rows), "rows are `key` rows or **section** rows"
+    return header, [(r[0].strip("`"), r) for r in rows if r[0].startswith("`")]
+
+
+def test_losses_md_catalogue_matches_registry():
+    header, rows = losses_md_table()
+    assert header == ["key", "formula", "source", "defaults", "deviation"]
+    keys = [key for key, _ in rows]
+    assert sorted(keys) == sorted(LOSSES), "every registry key exactly once, nothing else"
+    for key, cells in rows:
+        want = ", ".join(f"{n}={v!r}" for n, v in defaults(key).items()) or "—"
+        assert cells[3] == want, f"LOSSES.md defaults of {key}: {cells[3]!r} != {want!r}"
+        assert all(cells), f"LOSSES.md row {key} has an empty cell (use — for none)"
+
+
+def test_readme_lists_every_loss_and_points_to_the_catalogue():
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("\n## Losses\n", 1)[1].split("\n## ", 1)[0]
+    assert "LOSSES.md" in section
+    assert all(f"`{key}`" in section for key in LOSSES), [k for k in LOSSES if f"`{k}`" not in section]
