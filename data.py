@@ -1,4 +1,5 @@
-"""Preference data: load, render with Qwen2.5's chat template, tokenize, batch, and cache reference log-probs.
+"""Preference data: inputs (model folders and datasets, local or from the Hub), Qwen2.5's chat template,
+tokenization, batches, their log-probs, and the reference log-prob cache.
 
 Rows, in TRL's formats (optional numbers score_chosen / score_rejected are kept for MixDPO and ODPO):
   standard        {"prompt": str, "chosen": str, "rejected": str}: one user turn, one assistant reply
@@ -6,7 +7,7 @@ Rows, in TRL's formats (optional numbers score_chosen / score_rejected are kept 
   implicit prompt {"chosen": [msgs], "rejected": [msgs]}: whole conversations; the prompt is their common prefix
 A conversation is an optional system message, then user/assistant turns alternating, ending with the assistant
 reply that is scored. A row that breaks this (or is invalid JSON, lacks a field, has a wrong type or empty text)
-is a ValueError naming file and row; with skip_bad_rows it is skipped and counted.
+is a UserError naming file and row; with skip_bad_rows it is skipped and counted.
 
 Rendering: Qwen2.5's ChatML by hand (render_chatml), tested token-for-token against the jinja chat_template the
 model ships; Qwen's default system prompt when the conversation has none.
@@ -20,6 +21,9 @@ Truncation (defaults of Yao et al. 2025, max_length 1024, max_prompt_length 256)
 from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
 and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
 
+Batch layout (collate; pair_logps is the one place that splits it): rows 0..B-1 = prompt+chosen, rows B..2B-1 =
+prompt+rejected, right-padded; per-pair tensors [B] carry the names losses.compute reads.
+
 Reference cache (`python data.py --model M --data D --split S --out DIR`, or ref_cache() from training): DIR/
 ref_logps.safetensors (float32 ref_chosen_logps, ref_rejected_logps = summed completion log-probs; long index =
 source row of each kept pair) and DIR/meta.json, the header checked on load and the commit marker, written last.
@@ -30,6 +34,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -43,6 +48,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from model import TOKENIZER_FILES, Qwen2, UserError
+
 DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -51,27 +58,66 @@ CACHE_FORMAT = 1
 PAD_TOKEN = "<|endoftext|>"  # Qwen's pad token; its id is what collate() pads with
 CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha256", "max_length",
               "max_prompt_length", "template", "dtype")  # a cache is reused iff all of these match
-AMP = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and ends each flag's help with its default, unless the help
+    already states it (per-loss defaults)."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+def run_cli(main) -> None:
+    """A CLI's entry point: main(); a UserError becomes one line `<script>: error: ...` on stderr and exit status 2
+    (argparse's code for usage errors), with no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision in `dtype` ("fp16", "bf16"; "fp32" = off) on the device; weights stay as they are."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
+# ----------------------------------------------------------------------------- inputs: model folders and files
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder as is, else a Hub repo id fetched by `huggingface_hub.snapshot_download` (config, safetensors,
+    index and tokenizer files only: never pickled `.bin` weights). Hub ids look like `name` or `owner/name`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) or name_or_path.startswith("."):
+        raise UserError(f"model folder {name_or_path!r} does not exist (give a folder with config.json and "
+                        f"*.safetensors, or a Hub id such as {DEFAULT_MODEL})")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise UserError(f"{name_or_path!r} (revision {revision}) is neither a local folder nor a Hub repo") from None
+    except OSError as e:  # LocalEntryNotFoundError (offline, not cached) and connection errors are OSErrors
+        raise UserError(f"{name_or_path!r} is not a local folder and the Hugging Face Hub is unreachable (repo not "
+                        f"cached, {type(e).__name__}): download it where there is network and pass the local "
+                        "folder instead") from None
+
+
+def load_model(name_or_path: str, revision: str | None = None, dtype=torch.float32) -> Qwen2:
+    """Qwen2.from_pretrained of a local folder or a Hub id (downloaded first), in eval mode."""
+    return Qwen2.from_pretrained(resolve_model_dir(name_or_path, revision), dtype=dtype)
 
 
 def load_tokenizer(model_dir) -> Tokenizer:
-    """The model folder's tokenizer.json (special tokens such as <|im_end|> are added tokens in it); a Hub id is
-    resolved with model.resolve_model_dir."""
-    if not Path(model_dir).is_dir():
-        from model import resolve_model_dir
-        model_dir = resolve_model_dir(str(model_dir))
+    """The model folder's tokenizer.json (special tokens such as <|im_end|> are added tokens in it)."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; the model folder must ship tokenizer.json")
+        raise UserError(f"{path}: not found; the model folder must ship tokenizer.json")
     return Tokenizer.from_file(str(path))
-
-
-def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Qwen2.5 ChatML: a system block (Qwen's default unless messages[0] is a system message), then
-    "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, then "<|im_start|>assistant\\n" if asked."""
-    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
-    text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def _sha256(files) -> str:
@@ -92,50 +138,69 @@ def _hub_files(repo: str, split: str, revision: str | None) -> list[Path]:
     try:
         root = Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns))
     except (OSError, HfHubHTTPError, HFValidationError) as e:  # offline, unreachable, no such repo: one line
-        raise ConnectionError(f"{repo}: could not get split {split!r} from the Hugging Face Hub ({type(e).__name__}); "
-                           "offline? pass a local .jsonl, .json or .parquet file instead (--data my_prefs.jsonl)"
-                           ) from None
+        raise UserError(f"{repo}: could not get split {split!r} from the Hugging Face Hub ({type(e).__name__}); "
+                        "offline? pass a local .jsonl, .json or .parquet file instead (--data my_prefs.jsonl)"
+                        ) from None
     files = sorted(p for p in root.rglob("*.parquet") if any(fnmatch(p.relative_to(root).as_posix(), pat)
                                                               for pat in patterns))
     if not files:
-        raise ValueError(f"{repo}: no parquet files for split {split!r} (looked for {', '.join(patterns)})")
+        raise UserError(f"{repo}: no parquet files for split {split!r} (looked for {', '.join(patterns)})")
     return files
 
 
-def _read(path: Path) -> list:
+def read_records(path, strict: bool = True) -> list:
+    """The objects of a .jsonl (one per line), a .json (an array, or JSON Lines) or a .parquet file (one per row).
+    A line that is not valid JSON (a torn last line of a killed run, a blank line) is a UserError naming the file
+    and line if strict, else a ValueError object in its place, so that callers can report, skip or count it while
+    row i stays line i + 1."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON Lines
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     rows = []
-    for line in text.splitlines():  # a bad line becomes a ValueError row: reported or skipped with the others
+    for i, line in enumerate(text.splitlines(), 1):
         try:
             rows.append(json.loads(line) if line.strip() else ValueError("blank line"))
         except json.JSONDecodeError as e:
             rows.append(ValueError(f"invalid JSON: {e.msg} (column {e.colno})"))
+        if strict and isinstance(rows[-1], ValueError):
+            raise UserError(f"{path}: line {i}: {rows[-1]}; expected one JSON object per line")
     return rows
 
 
-def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list[dict], str]:
-    """Rows of a local .jsonl / .json (array or JSON Lines) / .parquet file, or of a Hub dataset's split
-    (parquet files only; split and revision are ignored for local files). Returns (rows, "sha256:<hex>" of the
-    bytes read). Lines of a .jsonl that are not valid JSON come back as ValueError objects, so that
-    tokenize_pairs reports them with file and row, or skips and counts them, like any other bad row."""
+def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list, str]:
+    """Rows of a local .jsonl / .json / .parquet file (read_records, not strict: bad lines come back as ValueError
+    objects for tokenize_pairs to report or skip with file and row), or of a Hub dataset's split (parquet files
+    only; split and revision are ignored for local files). Returns (rows, "sha256:<hex>" of the bytes read)."""
     path = Path(source)
     if path.exists() and (path.is_dir() or path.suffix not in (".jsonl", ".json", ".parquet")):
-        raise ValueError(f"{source}: expected a .jsonl, .json or .parquet file, or a Hub dataset id")
+        raise UserError(f"{source}: expected a .jsonl, .json or .parquet file, or a Hub dataset id")
     if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
-        raise FileNotFoundError(f"{source}: no such file")
+        raise UserError(f"{source}: no such file")
     files = [path] if path.exists() else _hub_files(source, split, revision)
-    return [row for f in files for row in _read(f)], _sha256(files)
+    return [row for f in files for row in read_records(f, strict=False)], _sha256(files)
+
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Qwen2.5 ChatML: a system block (Qwen's default unless messages[0] is a system message), then
+    "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, then "<|im_start|>assistant\\n" if asked."""
+    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+    text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 @dataclass
@@ -146,6 +211,8 @@ class Pair:
     row: int  # 0-based position of the source row in load_rows' list (the cache's `index`)
     score_chosen: float | None = None
     score_rejected: float | None = None
+    ref_chosen_logps: float | None = None  # summed reference log-probs, set by ref_cache
+    ref_rejected_logps: float | None = None
 
 
 def _messages(value, key: str) -> list[dict]:
@@ -198,7 +265,7 @@ def tokenize_pairs(rows, tokenizer: Tokenizer, max_length: int = 1024, max_promp
     rows, kept, bad_rows (skipped), prompts_truncated / completions_truncated (among kept pairs; a pair can
     count two completions), dropped_empty, dropped_identical."""
     if not 0 < max_prompt_length <= max_length:
-        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) <= max_length ({max_length})")
+        raise UserError(f"need 0 < --max-prompt-length ({max_prompt_length}) <= --max-length ({max_length})")
     parsed, bad = [], []
     for i, row in enumerate(rows):
         try:
@@ -206,7 +273,7 @@ def tokenize_pairs(rows, tokenizer: Tokenizer, max_length: int = 1024, max_promp
         except ValueError as e:
             where = f"{source}: row {i}" + (f" (line {i + 1})" if str(source).endswith(".jsonl") else "")
             if not skip_bad_rows:
-                raise ValueError(f"{where}: {e}. Fix the row, or pass --skip-bad-rows to skip and count it") from None
+                raise UserError(f"{where}: {e}. Fix the row, or pass --skip-bad-rows to skip and count it") from None
             bad.append(f"{where}: {e}")
 
     def encode(texts):
@@ -237,20 +304,53 @@ def tokenize_pairs(rows, tokenizer: Tokenizer, max_length: int = 1024, max_promp
     return pairs, counts
 
 
-def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """One forward pass for both sides: rows 0..B-1 = prompt+chosen, B..2B-1 = prompt+rejected, right-padded.
-    loss_mask marks completion tokens; lens = completion lengths; scores = score_chosen|score_rejected (nan)."""
+def collate(pairs: list[Pair], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """One forward pass for both sides: input_ids, attention_mask (0/1), loss_mask (bool: completion tokens)
+    [2B, T] with rows 0..B-1 = prompt+chosen and B..2B-1 = prompt+rejected, right-padded; per pair [B]:
+    chosen_lens, rejected_lens (completion token counts), chosen_scores, rejected_scores (nan where absent) and,
+    when every pair has them, ref_chosen_logps, ref_rejected_logps (float32). On `device` if given."""
     seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    lens = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
-    total, comp = torch.tensor([len(s) for s in seqs]), torch.tensor(lens, dtype=torch.long)
+    total = torch.tensor([len(s) for s in seqs])
+    comp = torch.tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs])
     input_ids = torch.full((len(seqs), int(total.max())), pad_id, dtype=torch.long)
     for b, s in enumerate(seqs):
         input_ids[b, :len(s)] = torch.tensor(s)
     t = torch.arange(input_ids.shape[1])
-    scores = [p.score_chosen for p in pairs] + [p.score_rejected for p in pairs]
-    return dict(input_ids=input_ids, attention_mask=(t < total[:, None]).long(),
-                loss_mask=(t < total[:, None]) & (t >= (total - comp)[:, None]), lens=comp,
-                scores=torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32))
+    batch = dict(input_ids=input_ids, attention_mask=(t < total[:, None]).long(),
+                 loss_mask=(t < total[:, None]) & (t >= (total - comp)[:, None]))
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_lens"] = torch.tensor([len(getattr(p, f"{side}_ids")) for p in pairs])
+        scores = [getattr(p, f"score_{side}") for p in pairs]
+        batch[f"{side}_scores"] = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
+        if all(getattr(p, f"ref_{side}_logps") is not None for p in pairs):
+            batch[f"ref_{side}_logps"] = torch.tensor([getattr(p, f"ref_{side}_logps") for p in pairs])
+    return batch if device is None else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def pair_logps(score, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's per-pair tensors plus the policy's summed completion log-probs S(y) split by side:
+    "chosen_logps", "rejected_logps" [B] fp32, i.e. what losses.compute reads. `score(input_ids, attention_mask,
+    loss_mask) -> [2B]` is model.sequence_logps, or train.py's (DDP-wrapped) Scorer."""
+    logps = score(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
+    chosen, rejected = logps.chunk(2)
+    return {**{k: v for k, v in batch.items() if v.dim() == 1}, "chosen_logps": chosen, "rejected_logps": rejected}
+
+
+@torch.no_grad()
+def score_pairs(score, pairs: list[Pair], pad_id: int, batch_size: int, device, dtype: str = "fp32",
+                desc: str = "log-probs") -> dict[str, torch.Tensor]:
+    """pair_logps of every pair under autocast(dtype), in pair order ([N] tensors on the CPU). Batches go
+    longest first, so an out-of-memory shows at once; tqdm shows pairs/s."""
+    parts, batches = [], make_batches(pairs, batch_size, shuffle=False)[::-1]
+    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
+        batch = collate([pairs[i] for i in idx], pad_id, device)
+        with autocast(device, dtype):
+            parts.append({k: v.cpu() for k, v in pair_logps(score, batch).items()})
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    order = torch.tensor([i for idx in batches for i in idx], dtype=torch.long)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return {k: v[inverse] for k, v in out.items()}
 
 
 def pair_length(p: Pair) -> int:
@@ -280,8 +380,8 @@ def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: 
     if order == "margin":
         missing = sum(p.score_chosen is None or p.score_rejected is None for p in pairs)
         if missing:
-            raise ValueError(f"order='margin' needs score_chosen and score_rejected; {missing} of {len(pairs)} "
-                             "pairs lack them")
+            raise UserError(f"MixDPO's easy-to-hard order needs score_chosen and score_rejected; {missing} of "
+                            f"{len(pairs)} pairs lack them")
         idx.sort(key=lambda i: pairs[i].score_chosen - pairs[i].score_rejected, reverse=True)  # stable
         batches = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
     elif order == "length":
@@ -310,7 +410,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _load_cache(out: Path, cmd: str) -> tuple[dict | None, dict | None]:
-    """(meta, tensors) of a committed cache, (None, None) if there is none; ValueError if corrupt."""
+    """(meta, tensors) of a committed cache, (None, None) if there is none; UserError if corrupt."""
     meta_path, tensor_path = out / "meta.json", out / "ref_logps.safetensors"
     if not meta_path.exists():
         if tensor_path.exists():
@@ -320,15 +420,15 @@ def _load_cache(out: Path, cmd: str) -> tuple[dict | None, dict | None]:
     try:
         meta = json.loads(meta_path.read_text())
     except (ValueError, OSError) as e:
-        raise ValueError(f"{meta_path}: {type(e).__name__}: {e}{fix}") from None
+        raise UserError(f"{meta_path}: {type(e).__name__}: {e}{fix}") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: not a cache header{fix}")
+        raise UserError(f"{meta_path}: not a cache header{fix}")
     try:
         tensors = load_file(tensor_path)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{tensor_path}: {type(e).__name__}: {e}{fix}") from None
+        raise UserError(f"{tensor_path}: {type(e).__name__}: {e}{fix}") from None
     if _sha256([tensor_path]) != meta.get("tensors_sha256") or len(tensors.get("index", ())) != meta.get("n"):
-        raise ValueError(f"{tensor_path} does not match the tensors_sha256 and n in {meta_path}{fix}")
+        raise UserError(f"{tensor_path} does not match the tensors_sha256 and n in {meta_path}{fix}")
     return meta, tensors
 
 
@@ -337,13 +437,9 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
               skip_bad_rows: bool = False, rebuild: bool = False) -> tuple[list[Pair], dict[str, torch.Tensor], dict]:
     """Reference log-probs of every kept pair, from out_dir if its meta.json matches (CACHE_KEYS), else computed
     in one forward-only pass (fp32 weights, autocast in `dtype` on CUDA; on CPU fp16 falls back to fp32) and
-    written atomically. Returns (pairs, {"ref_chosen_logps", "ref_rejected_logps", "index"}, meta); tensor
-    position k belongs to pairs[k]. rebuild=True ignores (and replaces) an existing cache, corrupt or not."""
-    from model import Qwen2, resolve_model_dir
-
+    written atomically. Returns (pairs with ref_*_logps set, {"ref_chosen_logps", "ref_rejected_logps", "index"},
+    meta); tensor position k belongs to pairs[k]. rebuild=True ignores (and replaces) an existing cache."""
     out, device = Path(out_dir), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype not in AMP:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(AMP)}")
     compute = "fp32" if device.type == "cpu" and dtype == "fp16" else dtype
     flags = dict(model=model_name_or_path, revision=revision, data=data_source, split=split, out=out,
                  max_length=max_length, max_prompt_length=max_prompt_length, dtype=dtype)
@@ -355,53 +451,47 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
     pairs, counts = tokenize_pairs(rows, tok, max_length, max_prompt_length,
                                    source=str(data_source), skip_bad_rows=skip_bad_rows)
     if not pairs:
-        raise ValueError(f"{data_source}: no pairs left after filtering ({counts}); nothing to cache")
+        raise UserError(f"{data_source}: no pairs left after filtering ({counts}); nothing to cache")
     meta = dict(format_version=CACHE_FORMAT, model=str(model_name_or_path), revision=revision,
                 weights_sha256=_sha256(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]),
                 tokenizer_sha256=_sha256([model_dir / "tokenizer.json"]), data=str(data_source), split=split,
                 data_sha256=data_hash, max_length=max_length, max_prompt_length=max_prompt_length,
                 template=TEMPLATE_ID, dtype=compute, counts=counts, n=len(pairs))
     old, tensors = (None, None) if rebuild else _load_cache(out, cmd)
-    if old is not None:
-        diff = [f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in CACHE_KEYS if old.get(k) != meta[k]]
-        if not diff:
-            if tensors["index"].tolist() != [p.row for p in pairs]:  # same header, other rows: a data.py change
-                raise ValueError(f"{out}: its {len(tensors['index'])} cached rows differ from the {len(pairs)} rows "
-                                 f"kept from the data; rebuild it with: {cmd}")
-            print(f"ref cache: reusing {out} ({len(pairs)} pairs; model, tokenizer, data, lengths, dtype match)")
-            return pairs, tensors, old
-        print(f"ref cache: {out} is stale ({'; '.join(diff)}); rebuilding")
-
-    model = Qwen2.from_pretrained(model_name_or_path, revision=revision, dtype=torch.float32).to(device).eval()
-    print(f"ref cache: {model_name_or_path} on {device} in {compute} (asked {dtype}), batch {batch_size}")
-    logps = torch.zeros(2, len(pairs))
-    pad_id, n_tokens, t0 = tok.token_to_id(PAD_TOKEN), 0, time.time()
-    with torch.no_grad(), tqdm(total=len(pairs), desc="ref logps", unit="pair") as bar:
-        for idx in make_batches(pairs, batch_size, shuffle=False)[::-1]:  # longest first: an OOM shows at once
-            batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
-            with torch.autocast(device.type, dtype=AMP[compute], enabled=compute != "fp32"):
-                lp = model.sequence_logps(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            logps[:, idx] = lp.float().cpu().view(2, len(idx))
-            n_tokens += int(batch["attention_mask"].sum())
-            bar.update(len(idx))
-    dt = time.time() - t0
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the commit marker goes first: a crash below leaves no valid cache
-    tensors = {"ref_chosen_logps": logps[0].contiguous(), "ref_rejected_logps": logps[1].contiguous(),
-               "index": torch.tensor([p.row for p in pairs], dtype=torch.long)}
-    _atomic_write(out / "ref_logps.safetensors", lambda tmp: save_file(tensors, tmp))
-    meta.update(tensors_sha256=_sha256([out / "ref_logps.safetensors"]), tokens_per_s=round(n_tokens / dt),
-                created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    _atomic_write(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
-    print(f"ref cache: wrote {out} ({len(pairs)} pairs, {n_tokens} tokens in {dt:.1f}s, {n_tokens / dt:.0f} tokens/s)")
+    diff = [f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in CACHE_KEYS if old.get(k) != meta[k]] if old else []
+    if old and not diff:
+        if tensors["index"].tolist() != [p.row for p in pairs]:  # same header, other rows: a data.py change
+            raise UserError(f"{out}: its {len(tensors['index'])} cached rows differ from the {len(pairs)} rows "
+                            f"kept from the data; rebuild it with: {cmd}")
+        print(f"ref cache: reusing {out} ({len(pairs)} pairs; model, tokenizer, data, lengths, dtype match)")
+        meta = old
+    else:
+        if old:
+            print(f"ref cache: {out} is stale ({'; '.join(diff)}); rebuilding")
+        model = Qwen2.from_pretrained(model_dir).to(device)
+        print(f"ref cache: {model_name_or_path} on {device} in {compute} (asked {dtype}), batch {batch_size}")
+        t0, n_tokens = time.time(), sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        logps = score_pairs(model.sequence_logps, pairs, tok.token_to_id(PAD_TOKEN), batch_size, device, compute,
+                            desc="ref logps")
+        tensors = {"ref_chosen_logps": logps["chosen_logps"], "ref_rejected_logps": logps["rejected_logps"],
+                   "index": torch.tensor([p.row for p in pairs], dtype=torch.long)}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)  # the commit marker goes first: a crash below leaves no cache
+        _atomic_write(out / "ref_logps.safetensors", lambda tmp: save_file(tensors, tmp))
+        tokens_per_s = n_tokens / (time.time() - t0)
+        meta.update(tensors_sha256=_sha256([out / "ref_logps.safetensors"]), tokens_per_s=round(tokens_per_s),
+                    created=time.strftime("%Y-%m-%d %H:%M:%S"))
+        _atomic_write(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        print(f"ref cache: wrote {out} ({len(pairs)} pairs, {n_tokens} tokens, {tokens_per_s:.0f} tokens/s)")
+    for p, c, r in zip(pairs, tensors["ref_chosen_logps"].tolist(), tensors["ref_rejected_logps"].tolist()):
+        p.ref_chosen_logps, p.ref_rejected_logps = c, r
     return pairs, tensors, meta
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Precompute the reference model's summed completion log-probs into "
                                 "OUT/ref_logps.safetensors + OUT/meta.json (train.py reuses them when the header "
-                                "matches).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "matches).", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="reference model: Hub id or local folder")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
@@ -413,18 +503,15 @@ def main(argv=None) -> None:
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
     g = p.add_argument_group("output and compute")
     g.add_argument("--out", required=True, help="cache folder (ref_logps.safetensors + meta.json)")
-    g.add_argument("--dtype", default="fp16", choices=list(AMP), help="autocast dtype (CPU: fp16 runs as fp32)")
+    g.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="autocast dtype (CPU: fp16 runs as fp32)")
     g.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--rebuild", action="store_true", help="rebuild even if a matching or corrupt cache exists")
     args = p.parse_args(argv)
     print("data.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
-    try:
-        ref_cache(args.model, args.revision, args.data, args.split, args.max_length, args.max_prompt_length,
-                  args.out, args.dtype, args.batch_size, args.device, args.skip_bad_rows, args.rebuild)
-    except (ValueError, RuntimeError, ImportError, OSError) as e:
-        sys.exit(f"data.py: error: {e}")
+    ref_cache(args.model, args.revision, args.data, args.split, args.max_length, args.max_prompt_length,
+              args.out, args.dtype, args.batch_size, args.device, args.skip_bad_rows, args.rebuild)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,5 +1,6 @@
 """Qwen2 / Qwen2.5 (default: Qwen2.5-0.5B-Instruct) in plain PyTorch, numerically equal to Hugging Face's
-`Qwen2ForCausalLM`, with memory-light log-probs, a KV-cache `generate`, and safetensors load/save.
+`Qwen2ForCausalLM`, with memory-light log-probs and strict safetensors load/save of local folders (data.py
+resolves Hub ids to folders; generate.py decodes with a KV cache).
 
 Architecture (Qwen2 tech report, arXiv:2407.10671): pre-norm decoder; RMSNorm (Zhang & Sennrich 2019); grouped-query
 attention (Ainslie et al. 2023) with q/k/v biases and no o_proj bias; RoPE (Su et al. 2021) in HF's half-split
@@ -9,7 +10,6 @@ Precision: RoPE angles, RMSNorm statistics, softmax (inside SDPA) and log-probs 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,14 +17,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (a file, folder, row, flag), raised where it is found; the CLIs print it as
+    one line and exit with status 2 (data.run_cli). Anything else is a bug and keeps its traceback."""
 
 
 @dataclass
@@ -55,44 +59,18 @@ class Qwen2Config:
         """From a config.json dict: unknown keys ignored, features not implemented here rejected. Reads both the
         Qwen/transformers-4 keys (rope_theta, torch_dtype) and transformers-5's (rope_parameters.rope_theta, dtype)."""
         if d.get("model_type") != "qwen2":
-            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}; model.py implements only 'qwen2'")
+            raise UserError(f"{source}: model_type is {d.get('model_type')!r}; model.py implements only 'qwen2'")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: RoPE scaling {rope} is not supported; remove it for the default RoPE")
+            raise UserError(f"{source}: RoPE scaling {rope} is not supported; remove it for the default RoPE")
         if d.get("use_sliding_window") or d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: only use_sliding_window=false and hidden_act='silu' are implemented")
+            raise UserError(f"{source}: only use_sliding_window=false and hidden_act='silu' are implemented")
         d = {"rope_theta": rope.get("rope_theta", cls.rope_theta), "torch_dtype": d.get("dtype", cls.torch_dtype), **d}
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
     @classmethod
     def from_json(cls, path) -> "Qwen2Config":
         return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
-
-
-class HubUnreachableError(ConnectionError):
-    """The Hugging Face Hub could not be reached and the repo is not in the local cache."""
-
-
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local folder as is, else a Hub repo id fetched by `huggingface_hub.snapshot_download` (config, safetensors,
-    index and tokenizer files only: never pickled `.bin` weights). Hub ids look like `name` or `owner/name`."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) or name_or_path.startswith("."):
-        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist (give a folder with config.json and "
-                                f"*.safetensors, or a Hub id such as Qwen/Qwen2.5-0.5B-Instruct)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-    try:
-        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_PATTERNS))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # translated: the user needs one line, not a chain
-        raise FileNotFoundError(f"{name_or_path!r} (revision {revision}) is neither a local folder nor a Hub "
-                                f"repo") from None
-    except OSError as e:  # LocalEntryNotFoundError (offline, not cached) and connection errors are OSErrors
-        raise HubUnreachableError(f"{name_or_path!r} is not a local folder and the Hugging Face Hub is unreachable "
-                                  f"(repo not cached, {type(e).__name__}): download it where there is network "
-                                  f"and pass the local folder instead") from None
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -242,16 +220,20 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.source_dir, self.name_or_path, self.revision = None, None, None
+        self.source_dir = None  # the folder loaded from: save_pretrained copies its tokenizer files
 
-    def _run(self, input_ids, position_ids, mask, cache=None, start=0) -> Tensor:
+    def decoder(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None = None,
+                kv_cache: list[Tensor] | None = None, start: int = 0) -> Tensor:
+        """Final-normed hidden states [B, T, D] of input_ids [B, T] at position_ids [B, T]. mask: [B, 1, T, S] bool
+        (True = may attend) or None for causal. kv_cache (generate.py): per layer a [2, B, n_kv, S, head_dim]
+        buffer; this call writes its keys/values at slots start..start+T-1 and attends over slots < start+T."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
+                x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], start)
         return self.model.norm(x)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -264,7 +246,7 @@ class Qwen2(nn.Module):
         if position_ids is None:
             position_ids = (torch.arange(T, device=input_ids.device).expand(B, T) if attention_mask is None
                             else (attention_mask.long().cumsum(-1) - 1).clamp(min=0))
-        return self._run(input_ids, position_ids, mask)
+        return self.decoder(input_ids, position_ids, mask)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
@@ -283,42 +265,45 @@ class Qwen2(nn.Module):
         return torch.zeros(scored.shape, device=lp.device).masked_scatter(scored, lp).sum(-1)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype=torch.float32) -> "Qwen2":
-        """Load config.json + model.safetensors (or the shards of model.safetensors.index.json), strictly: every
-        missing/unexpected key and shape mismatch is an error naming it. Tied embeddings: `lm_head.weight` absent
-        (tie_word_embeddings=true); if present anyway it must equal the embedding. Nothing is ever unpickled."""
-        folder = resolve_model_dir(name_or_path, revision)
-        config = Qwen2Config.from_json(folder / "config.json")  # a missing file raises naming its path
+    def from_pretrained(cls, folder, dtype=torch.float32) -> "Qwen2":
+        """Load a local folder's config.json + model.safetensors (or the shards of model.safetensors.index.json),
+        strictly: a missing/unexpected key or a shape mismatch is a UserError naming it. Tied embeddings:
+        `lm_head.weight` absent (tie_word_embeddings=true); if present anyway it must equal the embedding. Nothing is
+        ever unpickled. (Hub ids: data.load_model downloads the folder first.)"""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder}: not a model folder (no config.json)")
+        config = Qwen2Config.from_json(folder / "config.json")
         index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
         if index.is_file():
             key_file = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         elif single.is_file():
-            with safe_open(single, "pt") as f:
+            with _open_safetensors(single) as f:
                 key_file = dict.fromkeys(f.keys(), single)
         else:
-            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json (pickled .bin "
-                                    f"weights are never loaded; convert them to safetensors first)")
+            raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json (pickled .bin "
+                            f"weights are never loaded; convert them to safetensors first)")
         with torch.device("meta"):
             model = cls(config)
         shapes = {k: v.shape for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:
             shapes.pop("lm_head.weight")
         if missing := sorted(set(shapes) - set(key_file)):
-            raise KeyError(f"{index if index.is_file() else single}: missing weights {missing[:8]} ({len(missing)})")
+            raise UserError(f"{index if index.is_file() else single}: missing weights {missing[:8]} ({len(missing)})")
         if unexpected := sorted(set(key_file) - set(shapes) - {"lm_head.weight"}):
-            raise KeyError(f"{key_file[unexpected[0]]}: unexpected weights {unexpected[:8]}")
+            raise UserError(f"{key_file[unexpected[0]]}: unexpected weights {unexpected[:8]}")
         sd = {}
         for file in sorted(set(key_file.values())):
             sd.update(_load_safetensors(file, [k for k, f in key_file.items() if f == file], shapes, dtype))
         if config.tie_word_embeddings:
             if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
-                raise ValueError(f"{key_file['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight"
-                                 f" but config.json says tie_word_embeddings=true; set it to false to load untied")
+                raise UserError(f"{key_file['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight"
+                                f" but config.json says tie_word_embeddings=true; set it to false to load untied")
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
         if config.tie_word_embeddings:  # assign=True gave lm_head its own Parameter object: share it again
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.source_dir, model.name_or_path, model.revision = folder, name_or_path, revision
+        model.source_dir = folder
         return model.eval()  # like transformers; training code calls .train()
 
     def save_pretrained(self, out_dir) -> None:
@@ -338,72 +323,26 @@ class Qwen2(nn.Module):
             if src.is_file() and src.resolve() != (out / name).resolve():
                 shutil.copyfile(src, out / name)
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 256,
-                 eos_token_ids=(151645, 151643), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None) -> list[list[int]]:
-        """Continue each left-padded prompt [B, T]: one prefill into a KV cache preallocated for T + max_new_tokens,
-        then one token per step. Greedy if temperature == 0, else sampling from softmax(logits / temperature)
-        restricted to the top_k tokens and to the smallest set of mass >= top_p, with torch.Generator(seed).
-        A sequence stops at its first token in eos_token_ids; the loop stops when all have.
-        Returns the new tokens of each prompt, the eos token excluded."""
-        B, T = input_ids.shape
-        dev, c = input_ids.device, self.config
-        if max_new_tokens <= 0:
-            return [[] for _ in range(B)]
-        valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=dev)
-        if attention_mask is not None:
-            if not attention_mask[:, -1].all():
-                raise ValueError("generate: prompts must be left-padded (attention_mask[:, -1] must be all 1)")
-            valid[:, :T] = attention_mask.bool()
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.lm_head.weight.dtype
-        shape = (2, B, c.num_key_value_heads, T + max_new_tokens, c.head_dim)  # (k, v) per layer
-        cache = [torch.empty(shape, dtype=dtype, device=dev) for _ in self.model.layers]
-        pos = (valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)
-        padded = not valid.all()  # without padding, SDPA's is_causal (prefill) and no mask (decode) are exact
-        mask = attention_mask_4d(valid[:, :T], torch.arange(T, device=dev)) if padded else None
-        h = self._run(input_ids, pos, mask, cache, 0)[:, -1]
-        gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-        eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=dev)
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for i in range(max_new_tokens):
-            out[:, i] = tok = _sample(self.lm_head(h).float(), temperature, top_k, top_p, gen)
-            done |= torch.isin(tok, eos)
-            if i == max_new_tokens - 1 or done.all():
-                break
-            pos = pos[:, -1:] + 1
-            mask = valid[:, None, None, :T + i + 1] if padded else None
-            h = self._run(tok[:, None], pos, mask, cache, T + i)[:, -1]
-        rows = out[:, :i + 1].tolist()
-        return [r[:next((j for j, t in enumerate(r) if t in eos_token_ids), len(r))] for r in rows]
-
-
-def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen) -> Tensor:
-    """Next token [B] from fp32 logits [B, V]: argmax, or a draw after temperature, top-k and top-p (nucleus,
-    Holtzman et al. 2020) filtering. top-p keeps a token iff the mass of strictly more likely tokens is < top_p."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-        logits = logits.scatter(-1, idx, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
-
 
 def _load_safetensors(file: Path, keys: list[str], shapes: dict, dtype) -> dict[str, Tensor]:
     """The tensors `keys` of one safetensors file, shape-checked against `shapes` before they are read."""
     out = {}
-    with safe_open(file, "pt") as f:  # a missing shard raises FileNotFoundError naming it
+    with _open_safetensors(file) as f:
         if absent := sorted(set(keys) - set(f.keys())):
-            raise KeyError(f"{file}: missing weights {absent[:8]} (listed in model.safetensors.index.json)")
+            raise UserError(f"{file}: missing weights {absent[:8]} (listed in model.safetensors.index.json)")
         for k in keys:
             shape = f.get_slice(k).get_shape()
             if k in shapes and list(shapes[k]) != list(shape):
-                raise ValueError(f"{file}: {k} has shape {list(shape)}, the config implies {list(shapes[k])}")
+                raise UserError(f"{file}: {k} has shape {list(shape)}, the config implies {list(shapes[k])}")
             out[k] = f.get_tensor(k).to(dtype)
     return out
+
+
+def _open_safetensors(file: Path):
+    """safe_open, with a missing shard or a truncated / foreign file as a UserError naming it."""
+    if not file.is_file():
+        raise UserError(f"{file}: no such file (listed in model.safetensors.index.json)")
+    try:
+        return safe_open(file, "pt")
+    except SafetensorError as e:
+        raise UserError(f"{file}: not a readable safetensors file ({e}); download or save it again") from None

@@ -6,51 +6,81 @@
 
 Reference-based losses read the reference log-probs from a disk cache (data.ref_cache builds it on first use), so
 only the policy is in memory. Every run writes out_dir/{args.json, metrics.jsonl, ckpt-*/, final/}.
+Reading order: arguments -> model, data, optimizer (main) -> train_step, one optimizer step -> checkpoints.
 """
 import argparse
 import contextlib
 import copy
-import inspect
+import functools
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
 import losses
-from model import Qwen2, Qwen2Config
+from model import Qwen2, Qwen2Config, UserError
 
 HERE = Path(__file__).resolve().parent
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
             max_length=128, max_prompt_length=96, epochs=3, lr=1e-3, warmup_ratio=0.05, eval_every=50,
             log_every=10, out_dir="runs/demo-{loss}", cache_dir="runs/demo-cache",
             dtype="fp32")  # CPU fp16 matmuls are emulated (~40x slower: BENCHMARKS.md); --dtype fp16 still works
+# What each loss hyperparameter means: one name, one meaning across the catalogue (a test checks the names).
+HPARAMS = {
+    "beta": "reward scale β (inverse temperature of the implicit reward)",
+    "label_smoothing": "probability ε that a preference label is flipped, smoothed into the target (cDPO, EXO)",
+    "flip_rate": "assumed label-flip rate ε the loss is made unbiased for (robust DPO)",
+    "margin": "hinge margin: the target a reward (gap) must clear before its gradient stops",
+    "delta": "margin-sigmoid's clip δ: each term gives no gradient once below δ (< ln 2)",
+    "nll_weight": "weight of the chosen answer's token-mean NLL term",
+    "odds_ratio_weight": "weight λ of ORPO's log-odds-ratio term",
+    "margin_weight": "weight λ of LMPO's z-scored margin term",
+    "margin_power": "exponent k of LMPO's margin function 1 - d^k (margin_fn pow)",
+    "margin_fn": "LMPO's margin function: pow, log or sigmoid (the paper's Table 2 ablation)",
+    "margin_alpha": "scale α of LMPO's log margin function",
+    "margin_temperature": "temperature of LMPO's sigmoid margin function",
+    "length_weight": "R-DPO's α on the length difference |y_w| - |y_l|",
+    "offset_scale": "ODPO's α on the offset log(s_w - s_l)",
+    "alpha": "α-DPO's α on the z-scored reference gap",
+    "focal_gamma": "FocalPO's focusing exponent γ",
+    "difficulty_threshold": "MixDPO's τ: pairs with score margin s_w - s_l < τ are difficult (trained with SFT)",
+    "tau": "DiscoPOP's temperature τ of the logistic/exponential mixing weight",
+    "decay": "decay of the running batch statistics (exponential moving average)",
+    "gamma_beta_ratio": "target reward margin γ divided by β (SimPO's γ/β)",
+    "desirable_weight": "KTO's λ_D on the chosen (desirable) term",
+    "undesirable_weight": "KTO's λ_U on the rejected (undesirable) term",
+    "detach_weight": "stop the gradient through FocalPO's weight",
+    "zscore": "z-score the adaptive margin statistic (off = the paper's ablation)",
+    "avg_length_norm": "LMPO's length normalisation of p(y) by the pair's average length",
+    "exp_scaling": "AMaPO's exponential scaling of the margin (off = linear, the ablation)",
+    "adaptive": "AMaPO's adaptive margin (off = no margin: SimPO with γ = 0)",
+    "zero_margin": "AMaPO's zero margin for correctly ranked pairs (off = every pair keeps a margin)",
+}
+# A 2-pair batch on which every loss runs: its only use is to let a loss reject bad hyperparameters at parse time.
+PROBE = dict(chosen_logps=[-1.0, -2.0], rejected_logps=[-2.0, -3.0], ref_chosen_logps=[-1.5, -2.0],
+             ref_rejected_logps=[-1.5, -2.5], chosen_lens=[1, 2], rejected_lens=[2, 1], chosen_scores=[5.0, 4.0],
+             rejected_scores=[1.0, 4.0])
 
 
-def loss_hparams() -> dict[str, dict[str, object]]:
-    """{loss key: {hyperparameter: paper default}}, read from the keyword-only arguments of each loss."""
-    return {key: {n: p.default for n, p in inspect.signature(fn).parameters.items()
-                  if p.kind is p.KEYWORD_ONLY and n not in losses.RUNTIME_KWARGS} for key, fn in losses.LOSSES.items()}
-
-
-def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="Hub id or local folder of the policy "
-                   "(also the reference: the frozen starting point)")
+    g.add_argument("--model", default=data.DEFAULT_MODEL, help="Hub id or local folder of the policy (also the "
+                   "reference: the frozen starting point)")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
-    g.add_argument("--data", default="trl-lib/ultrafeedback_binarized", help="Hub dataset id or a local "
-                   ".jsonl/.json/.parquet of preference pairs (TRL standard or conversational format)")
+    g.add_argument("--data", default=data.DEFAULT_DATASET, help="Hub dataset id or a local .jsonl/.json/.parquet "
+                   "of preference pairs (TRL standard or conversational format)")
     g.add_argument("--split", default="train", help="training split of a Hub dataset")
-    g.add_argument("--eval-data", default=None, help="held-out pairs (default: --data)")
+    g.add_argument("--eval-data", default=None, help="held-out pairs (None: --data)")
     g.add_argument("--eval-split", default="test", help="held-out split of a Hub dataset ('' = no eval)")
     g.add_argument("--max-length", type=int, default=1024, help="max prompt+completion tokens (Yao et al.)")
     g.add_argument("--max-prompt-length", type=int, default=256, help="prompts are cut from the left to this")
@@ -58,21 +88,20 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows, don't stop")
     g.add_argument("--cache-dir", default="cache", help="where reference log-prob caches live (reused across "
                    "runs; a cache that does not match model/data/lengths is rebuilt)")
-    g = p.add_argument_group("loss (per-loss defaults are the papers'; printed after resolution)")
+    g = p.add_argument_group("loss (each hyperparameter's default is the chosen loss's paper value; printed)")
     g.add_argument("--loss", default="dpo", choices=sorted(losses.LOSSES), metavar="KEY",
-                   help="any key of losses.LOSSES: " + ", ".join(sorted(losses.LOSSES)))
-    hparams = loss_hparams()
+                   help="any key of losses.LOSSES (LOSSES.md): " + ", ".join(sorted(losses.LOSSES)))
     users: dict[str, dict] = {}  # hyperparameter -> {paper default: [losses using it]}
-    for key, hps in hparams.items():
-        for name, default in hps.items():
+    for key in losses.LOSSES:
+        for name, default in losses.defaults(key).items():
             users.setdefault(name, {}).setdefault(default, []).append(key)
-    kind = {bool: dict(action=argparse.BooleanOptionalAction), str: dict(type=str), int: dict(type=int)}
-    for name, by_default in sorted(users.items()):
-        g.add_argument("--" + name.replace("_", "-"), default=None, **kind.get(type(next(iter(by_default))),
-                       dict(type=float)), help="default " + "; ".join(f"{d} for {', '.join(ks)}"
-                                                                      for d, ks in by_default.items()))
-    g.add_argument("--curriculum-steps", type=int, default=0, help="ramp the loss's 'delta' linearly from 0 to "
-                   "its value over N steps (margin_sigmoid; Yao et al. 2025 §5.4.4); 0 = off")
+    for name, by_default in users.items():
+        kind = type(next(iter(by_default)))
+        typed = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        g.add_argument("--" + name.replace("_", "-"), default=None, **typed, help=HPARAMS[name] + "; default per "
+                       "loss: " + "; ".join(f"{d} ({', '.join(ks)})" for d, ks in by_default.items()))
+    g.add_argument("--curriculum-steps", type=int, default=0, help="margin_sigmoid only: ramp δ linearly from 0 "
+                   "to --delta over N steps (Yao et al. 2025 §5.4.4); 0 = off")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=3, help="passes over the training pairs")
     g.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = all epochs)")
@@ -86,11 +115,11 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = no clipping)")
     g.add_argument("--seed", type=int, default=42, help="seed of data order and demo init")
     g = p.add_argument_group("precision and speed")
-    g.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="autocast dtype; fp16 uses "
-                   "a GradScaler (papers' setting); weights and optimizer state stay fp32")
+    g.add_argument("--dtype", choices=list(data.DTYPES), default="fp16", help="autocast dtype; fp16 uses a "
+                   "GradScaler (papers' setting); weights and optimizer state stay fp32")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--compile", action="store_true", help="torch.compile the policy forward")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
     g.add_argument("--logps-chunk-size", type=int, default=1024, help="tokens per LM-head chunk in log-probs")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="runs/{loss}", help="output folder ({loss} is replaced)")
@@ -102,20 +131,33 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--nan-patience", type=int, default=5, help="stop after N consecutive non-finite losses")
     g.add_argument("--demo", action="store_true", help="offline demo: tiny Qwen2 from scratch, demo/ data and "
                    "tokenizer; other flags still override")
+    return p
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    """Parsed flags, resolved: demo defaults, out_dir, eval_data, and args.hparams = the chosen loss's
+    hyperparameters (paper defaults, overridden by flags); the other losses' flags are removed."""
+    p = build_parser()
     pre, _ = p.parse_known_args(argv)
     if pre.demo:
         p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    args.out_dir = args.out_dir.format(loss=args.loss)
-    args.eval_data = args.eval_data or args.data
-    hps = hparams[args.loss]
-    for name in users:
-        if getattr(args, name) is not None and name not in hps:
+    args.out_dir, args.eval_data = args.out_dir.format(loss=args.loss), args.eval_data or args.data
+    hps = losses.defaults(args.loss)
+    for name in HPARAMS:
+        value = vars(args).pop(name)
+        if value is not None and name not in hps:
             p.error(f"--{name.replace('_', '-')} is not a hyperparameter of --loss {args.loss} "
                     f"(its hyperparameters: {', '.join(hps) or 'none'})")
-    args.hparams = {n: d if getattr(args, n) is None else getattr(args, n) for n, d in hps.items()}
-    if args.curriculum_steps and "delta" not in hps:
-        p.error(f"--curriculum-steps ramps 'delta', which --loss {args.loss} does not have")
+        if name in hps and value is not None:
+            hps[name] = value
+    args.hparams = hps
+    if args.curriculum_steps and args.loss != "margin_sigmoid":
+        p.error(f"--curriculum-steps ramps margin_sigmoid's δ; --loss {args.loss} has no curriculum")
+    try:  # the loss checks its own hyperparameters (e.g. margin_sigmoid's δ < ln 2): ask it once, before any work
+        losses.compute(args.loss, {k: torch.tensor(v) for k, v in PROBE.items()}, hps, state={})
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -127,7 +169,15 @@ def get_lr(step: int, total: int, args) -> float:
     return args.lr * {"cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac, "constant": 1.0}[args.schedule]
 
 
-class SequenceLogps(torch.nn.Module):
+def step_hparams(args, step: int) -> dict:
+    """The loss's hyperparameters at this step: margin_sigmoid's δ curriculum (Yao et al. 2025 §5.4.4) ramps δ
+    linearly from 0 to --delta over --curriculum-steps; everything else is constant."""
+    if not args.curriculum_steps:
+        return args.hparams
+    return {**args.hparams, "delta": args.hparams["delta"] * min(1.0, step / args.curriculum_steps)}
+
+
+class Scorer(torch.nn.Module):
     """model.sequence_logps as a forward(), so DDP's gradient hooks and torch.compile see the policy call."""
 
     def __init__(self, model: Qwen2, chunk_size: int):
@@ -138,50 +188,167 @@ class SequenceLogps(torch.nn.Module):
         return self.model.sequence_logps(input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size)
 
 
-def build_demo_model(args, out: Path) -> str:
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """The concatenation of t over all ranks (equal sizes: training micro-batches are equal on every rank)."""
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def setup_device(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun this joins the process group (NCCL on GPUs, gloo on CPUs)."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if args.batch_size % dist.get_world_size():
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the world size "
+                        f"{dist.get_world_size()}")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_demo_model(args, out: Path) -> Path:
     """A tiny Qwen2 from demo/config.json, initialised from scratch (normal(0, 0.02), GPT-2 style)."""
     torch.manual_seed(args.seed)
     model = Qwen2(Qwen2Config.from_json(HERE / "demo/config.json"))
-    for name, p in model.named_parameters():
-        torch.nn.init.normal_(p, std=0.02) if p.dim() == 2 else torch.nn.init.zeros_(p) if "bias" in name else None
+    for name, p in model.named_parameters():  # norms keep their weight 1
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+        elif "bias" in name:
+            torch.nn.init.zeros_(p)
     model.source_dir = HERE / "demo"  # save_pretrained copies its tokenizer files
     model.save_pretrained(out)
-    return str(out)
+    return out
 
 
-def compute_loss(fn, args, logps, batch, ref, state, needs, gather=None):
-    """Per-pair losses, rewards and the loss's extra metrics for one micro-batch (rows: B chosen then B rejected).
-    `gather` (DDP training only) makes batch-statistic losses (losses.GATHERS) see the pairs of all ranks."""
-    B = logps.shape[0] // 2
-    ref_c, ref_r = (ref["chosen"], ref["rejected"]) if needs["ref"] else (None, None)
-    kw = dict(args.hparams)
-    if args.curriculum_steps:
-        kw["delta"] = args.hparams["delta"] * min(1.0, state["_step"] / args.curriculum_steps)
-    if needs["scores"]:
-        kw.update(chosen_scores=batch["scores"][:B], rejected_scores=batch["scores"][B:])
-    if needs["state"]:
-        kw["state"] = state["loss"]
-    if gather is not None and needs["gather"]:
-        kw["gather"] = gather
-    extras: dict = {}
-    lens = batch["lens"]
-    per_pair, r_c, r_r = fn(logps[:B], logps[B:], ref_c, ref_r, lens[:B], lens[B:], metrics=extras, **kw)
-    stats = {"loss": per_pair.detach(), "rewards/chosen": r_c, "rewards/rejected": r_r,
-             # a tie (policy = reference at step 0) counts as half: TRL's strict '>' would report 0.0 there
-             "rewards/accuracies": (r_c > r_r).float() + 0.5 * (r_c == r_r).float(),
-             "rewards/margins": r_c - r_r, "logps/chosen": logps[:B].detach(), "logps/rejected": logps[B:].detach()}
-    sums = {k: v.float().sum().item() for k, v in stats.items()}
-    sums.update({k: float(v) * B for k, v in extras.items()})  # extras are batch means: weight by pairs
-    return per_pair, sums
+def load_pairs(args, model_dir: Path, source: str, split: str, device, rank: int) -> list[data.Pair]:
+    """Tokenized pairs; for reference-based losses with their cached reference log-probs (built if missing: by
+    rank 0, while the other ranks wait, then read it)."""
+    if args.loss not in losses.NEEDS_REF:
+        rows, _ = data.load_rows(source, split)
+        return data.tokenize_pairs(rows, data.load_tokenizer(model_dir), args.max_length, args.max_prompt_length,
+                                   source=source, skip_bad_rows=args.skip_bad_rows)[0]
+    slug = "--".join(Path(x).name or x for x in (args.model, source, split)).replace("/", "_")
+    cache = functools.partial(data.ref_cache, str(model_dir), None, source, split, args.max_length,
+                              args.max_prompt_length, Path(args.cache_dir) / slug, dtype=args.dtype,
+                              batch_size=args.batch_size, device=device, skip_bad_rows=args.skip_bad_rows)
+    if rank == 0:
+        pairs = cache()[0]
+    if dist.is_initialized():
+        dist.barrier()
+    return pairs if rank == 0 else cache()[0]
 
 
-def reduce_sums(sums: dict, count: float, ddp: bool, device) -> dict:
-    """Means over all pairs of all ranks."""
+def epoch_batches(pairs: list[data.Pair], args, epoch: int) -> list[list[int]]:
+    """This epoch's batches of indices: length-bucketed, or easy -> hard for MixDPO; full batches only, so that
+    every rank gets an equal shard (the partial last batch is left out and counted)."""
+    order = "margin" if args.loss == "mixdpo" else "length"
+    batches = data.make_batches(pairs, args.batch_size, seed=args.seed + epoch, order=order)
+    return [b for b in batches if len(b) == args.batch_size]
+
+
+def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_size: int, dtype: str,
+               grad_clip: float) -> dict:
+    """One optimizer step over this rank's micro-batches (data.collate dicts, on the device): for each, forward
+    under autocast -> fp32 log-probs -> loss -> scaled backward (under DDP, gradients sync on the last one only);
+    then unscale -> clip -> step (skipped on inf/NaN gradients) -> update the scale -> zero the gradients.
+    `loss(t) -> (per-pair losses, per-pair metrics)` is losses.compute with this run's key, hyperparameters and
+    state. Returns the global batch's mean loss (all ranks), the grad norm, whether the step was skipped, and the
+    summed per-pair metrics, pairs and tokens of this rank."""
+    ddp = isinstance(scorer, DistributedDataParallel)
+    world = dist.get_world_size() if ddp else 1
+    sums, step_loss, tokens = {}, 0.0, 0
+    for k, batch in enumerate(micro_batches):
+        with scorer.no_sync() if ddp and k < len(micro_batches) - 1 else contextlib.nullcontext():
+            with data.autocast(batch["input_ids"].device, dtype):
+                t = data.pair_logps(scorer, batch)
+            per_pair, metrics = loss(t)
+            # sum / global batch, times world: DDP averages gradients over ranks, so this is the global mean
+            micro_loss = per_pair.sum() * world / batch_size
+            scaler.scale(micro_loss).backward()
+        step_loss += micro_loss.detach() / world  # this rank's share of the global mean
+        sums = {key: sums.get(key, 0.0) + v.sum() for key, v in metrics.items()}
+        tokens += int(batch["attention_mask"].sum())
+    params = [p for group in opt.param_groups for p in group["params"]]
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    scale = scaler.get_scale()
+    if scaler.is_enabled() or torch.isfinite(grad_norm):
+        scaler.step(opt)  # with fp16, skipped inside when the gradients hold inf/NaN
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if ddp:  # every rank must take the same stop decision, or the others hang in the next all-reduce
+        dist.all_reduce(step_loss)
+    return {"loss": float(step_loss), "grad_norm": grad_norm.item(), "sums": sums, "tokens": tokens,
+            "skipped": not torch.isfinite(grad_norm) or scaler.get_scale() < scale,
+            "pairs": sum(len(b["chosen_lens"]) for b in micro_batches),
+            "slots": sum(b["attention_mask"].numel() for b in micro_batches)}
+
+
+def mean_over_ranks(sums: dict, count: float, device) -> dict:
+    """{key: sum over all ranks / count over all ranks} in one all-reduce (a no-op without DDP)."""
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device)
-    if ddp:
+    t = torch.tensor([float(sums[k]) for k in keys] + [count], dtype=torch.float64, device=device)
+    if dist.is_initialized():
         dist.all_reduce(t)
     return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
+
+
+def window_metrics(window: list[dict], seconds: float, world: int, device) -> dict:
+    """A metrics.jsonl row's values for the train_step outputs since the last row: TRL metrics averaged over all
+    ranks' pairs, the last grad norm, tokens/s (all ranks) and the padding fraction of the collated batches."""
+    sums = {}
+    for out in window:
+        sums = {k: sums.get(k, 0.0) + v for k, v in out["sums"].items()}
+    tokens, slots = sum(out["tokens"] for out in window), sum(out["slots"] for out in window)
+    return {"grad_norm": window[-1]["grad_norm"], **mean_over_ranks(sums, sum(out["pairs"] for out in window), device),
+            "tokens_per_s": tokens * world / seconds, "padding_fraction": 1 - tokens / max(1, slots)}
+
+
+@torch.no_grad()
+def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_state: dict, device) -> dict:
+    """Held-out TRL metrics (prefixed eval/) over all pairs, each rank taking every world-th batch. Loss state is
+    copied per batch: evaluation must not move the running statistics."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = data.make_batches(pairs, args.batch_size, shuffle=False)
+    if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
+        batches[-2] += batches.pop()
+    scorer.eval()
+    sums, n = {}, 0
+    for b in batches[rank::world]:
+        with data.autocast(device, args.dtype):
+            t = data.pair_logps(scorer, data.collate([pairs[i] for i in b], pad_id, device))
+        _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state))
+        sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
+        n += len(b)
+    scorer.train()
+    return {"eval/" + k: v for k, v in mean_over_ranks(sums, n, device).items()}
+
+
+@torch.no_grad()
+def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> None:
+    """Before any update the policy *is* the reference: its log-probs must equal the cache and DPO's loss is ln 2.
+    A mismatch means the cache was built from other weights, tokens or template: fail before training on it."""
+    batch = data.collate(pairs[:args.batch_size], pad_id, device)
+    with data.autocast(device, args.dtype):
+        t = data.pair_logps(scorer, batch)
+    policy = torch.cat([t["chosen_logps"], t["rejected_logps"]])
+    cached = torch.cat([t["ref_chosen_logps"], t["ref_rejected_logps"]])
+    # fp32 differs only by padding/summation order; 16-bit autocast rounds each token's log-prob
+    tol = (1e-3 if args.dtype == "fp32" else 2e-2) * (1 + cached.abs())
+    worst = ((policy - cached).abs() / tol).max().item()
+    dpo = losses.compute("dpo", t)[0].mean().item()
+    if worst > 1 or abs(dpo - math.log(2)) > 1e-2:
+        raise UserError(f"step-0 check failed: policy log-probs differ from the reference cache (worst "
+                        f"{worst:.2f}x tolerance; DPO loss {dpo:.4f}, expected ln 2 = 0.6931). Delete "
+                        f"{args.cache_dir} to rebuild the cache.")
+    print(f"step-0 check passed: policy = cached reference (worst {worst:.3f}x tol), DPO loss = {dpo:.4f} "
+          f"(ln 2 = 0.6931)")
 
 
 def save_checkpoint(out_dir: Path, step: int, model, opt, scaler, loss_state: dict, counters: dict, args) -> Path:
@@ -214,12 +381,14 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, scaler, loss_state: di
 
 
 def load_checkpoint(out_dir: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
+    """Restore weights, optimizer, scaler, loss state and RNG from out_dir/latest.json; returns (step, counters)."""
     pointer = out_dir / "latest.json"
     if not pointer.exists():
-        sys.exit(f"--resume: no {pointer}; start without --resume, or point --out-dir at a run with checkpoints")
+        raise UserError(f"--resume: no {pointer}; start without --resume, or point --out-dir at a run with "
+                        "checkpoints")
     ckpt = out_dir / json.loads(pointer.read_text())["checkpoint"]
     meta = json.loads((ckpt / "train_state.json").read_text())
-    model.load_state_dict(Qwen2.from_pretrained(str(ckpt)).state_dict())
+    model.load_state_dict(Qwen2.from_pretrained(ckpt).state_dict())
     flat, state = load_file(str(ckpt / "optimizer.safetensors")), {}
     for name, v in flat.items():
         i, k = name.split(".", 1)
@@ -236,237 +405,123 @@ def load_checkpoint(out_dir: Path, model, opt, scaler, loss_state: dict) -> tupl
     return meta["step"], meta["counters"]
 
 
-def load_pairs(args, source: str, split: str, needs_ref: bool, rank0: bool, ddp: bool, device):
-    """Tokenized pairs (and, for reference-based losses, their cached reference log-probs, built if missing)."""
-    if not needs_ref:
-        rows, _ = data.load_rows(source, split)
-        return data.tokenize_pairs(rows, data.load_tokenizer(args.model), args.max_length, args.max_prompt_length,
-                                   source=source, skip_bad_rows=args.skip_bad_rows)[0], None
-    slug = "--".join(Path(x).name or x for x in (args.model, source, split)).replace("/", "_")
-    build = lambda: data.ref_cache(args.model, args.revision, source, split, args.max_length,  # noqa: E731
-                                   args.max_prompt_length, Path(args.cache_dir) / slug, dtype=args.dtype,
-                                   batch_size=args.batch_size, device=device, skip_bad_rows=args.skip_bad_rows)
-    if rank0:  # rank 0 builds the cache; the others wait, then read it
-        pairs, ref, _ = build()
-    if ddp:
-        dist.barrier()
-    if not rank0:
-        pairs, ref, _ = build()
-    return pairs, {"chosen": ref["ref_chosen_logps"], "rejected": ref["ref_rejected_logps"]}
+def log(row: dict, history: list, out_dir: Path) -> dict:
+    """Keep the row for the summary and, on rank 0, append it to metrics.jsonl as one JSON object per line."""
+    history.append(row)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
 
 
-def main(argv=None) -> dict:
-    args = get_args(argv)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    rank0 = rank == 0
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+def start_run(args, rank: int) -> Path:
+    """The run folder, with args.json (rank 0); a fresh run replaces an earlier run's metrics.jsonl."""
     out_dir = Path(args.out_dir)
-    if args.demo and args.model == "demo":
-        args.model = str(out_dir / "demo_init")
-        if rank0:
-            build_demo_model(args, Path(args.model))
-        if ddp:
-            dist.barrier()
-    fn = losses.get_loss(args.loss)
-    needs = {"ref": args.loss in losses.NEEDS_REF, "scores": args.loss in losses.NEEDS_SCORES,
-             "state": args.loss in losses.STATEFUL, "gather": args.loss in losses.GATHERS}
-    if args.batch_size % world:
-        sys.exit(f"--batch-size {args.batch_size} must be a multiple of the world size {world}")
-    micro = args.micro_batch_size or args.batch_size // world
-    if rank0:
+    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume and (out_dir / "metrics.jsonl").exists():  # never mix two runs' rows in one file
             print(f"{out_dir} holds an earlier run: its metrics.jsonl is replaced (--resume continues it instead)")
             (out_dir / "metrics.jsonl").unlink()
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
+    return out_dir
 
-    train_pairs, train_ref = load_pairs(args, args.data, args.split, needs["ref"], rank0, ddp, device)
-    if args.max_pairs:
-        train_pairs = train_pairs[:args.max_pairs]
-    eval_pairs, eval_ref = (load_pairs(args, args.eval_data, args.eval_split, needs["ref"], rank0, ddp, device)
-                            if args.eval_split else ([], None))
-    order = "margin" if args.loss == "mixdpo" else "length"  # MixDPO trains easy -> hard
 
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        batches = data.make_batches(train_pairs, args.batch_size, seed=args.seed + epoch, order=order)
-        return [b for b in batches if len(b) == args.batch_size]  # equal shards on every rank
+def model_folder(args, out_dir: Path, rank: int) -> Path:
+    """The policy's local folder: the Hub download of --model, or for the demo a fresh tiny init (rank 0)."""
+    if not (args.demo and args.model == "demo"):
+        return data.resolve_model_dir(args.model, args.revision)
+    if rank == 0:
+        build_demo_model(args, out_dir / "demo_init")
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir / "demo_init"
 
-    first = epoch_batches(0)
-    steps_per_epoch = len(first)
-    dropped = len(train_pairs) - steps_per_epoch * args.batch_size
-    total = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
-    if rank0:
-        print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {steps_per_epoch} steps/epoch "
-              f"({dropped} pairs of a partial last batch left out per epoch), {total} steps, padding "
-              f"{data.padding_fraction(train_pairs, first):.1%}")
 
-    model = Qwen2.from_pretrained(args.model, args.revision, dtype=torch.float32).to(device).train()
+def build_model(args, model_dir: Path, device, world: int):
+    """(model, scorer, optimizer, scaler): fp32 master weights on the device; the scorer is what the loop calls
+    (DDP-wrapped under torchrun); AdamW fused on CUDA; a GradScaler that is active for fp16 only."""
+    model = Qwen2.from_pretrained(model_dir).to(device).train()
     model.gradient_checkpointing = args.grad_checkpointing
-    pad_id = data.load_tokenizer(args.model).token_to_id(data.PAD_TOKEN)
     if args.compile:  # the decoder layers only: the scored-token gather and chunked head have data-dependent shapes
         for layer in model.model.layers:
             layer.compile(dynamic=True)  # in place: state_dict keys (and checkpoints) stay unchanged
-    scorer = SequenceLogps(model, args.logps_chunk_size)
-    if ddp:
-        scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
+    scorer = Scorer(model, args.logps_chunk_size)
+    if world > 1:
+        scorer = DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    ptdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    autocast = lambda: torch.autocast(device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)  # noqa: E731
     # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up before backward;
     # the scaler unscales before clipping and skips the step (halving the scale) when it finds inf/NaN.
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    loss_state: dict = {}
-    step, counters = 0, {"skipped_steps": 0, "nan_streak": 0}
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    return model, scorer, opt, scaler
+
+
+def main(argv=None) -> dict:
+    args = get_args(argv)
+    rank, world, device = setup_device(args)
+    out_dir = start_run(args, rank)
+    model_dir = model_folder(args, out_dir, rank)
+    train_pairs = load_pairs(args, model_dir, args.data, args.split, device, rank)[:args.max_pairs or None]
+    eval_pairs = load_pairs(args, model_dir, args.eval_data, args.eval_split, device, rank) if args.eval_split else []
+    batches = epoch_batches(train_pairs, args, 0)
+    steps_per_epoch = len(batches)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
+    if rank == 0:
+        print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {steps_per_epoch} steps/epoch "
+              f"({len(train_pairs) - steps_per_epoch * args.batch_size} pairs of a partial last batch left out per "
+              f"epoch), {total} steps, padding {data.padding_fraction(train_pairs, batches):.1%}")
+    model, scorer, opt, scaler = build_model(args, model_dir, device, world)
+    pad_id = data.load_tokenizer(model_dir).token_to_id(data.PAD_TOKEN)
+    step, counters, loss_state = 0, {"skipped_steps": 0, "nan_streak": 0}, {}
     if args.resume:
         step, counters = load_checkpoint(out_dir, model, opt, scaler, loss_state)
-        if rank0:
-            print(f"resumed from step {step}")
+        print(f"rank {rank}: resumed from step {step}")
+    if step == 0 and args.loss in losses.NEEDS_REF:
+        step0_check(scorer, train_pairs, pad_id, args, device)
 
-    def gather_all(t: torch.Tensor) -> torch.Tensor:  # equal-size micro-batches on every rank in training
-        out = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(out, t.contiguous())
-        return torch.cat(out)
-
-    def to_dev(batch):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    def gather_ref(ref, idx):
-        return None if ref is None else {k: v[idx].to(device) for k, v in ref.items()}
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        scorer.eval()
-        sums, n = {}, 0
-        batches = data.make_batches(eval_pairs, args.batch_size, shuffle=False)
-        if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
-            batches[-2] += batches.pop()
-        for b in batches[rank::world]:
-            batch = to_dev(data.collate([eval_pairs[i] for i in b], pad_id))
-            with autocast():
-                logps = scorer(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
-            state = {"loss": copy.deepcopy(loss_state), "_step": step}  # eval must not move running statistics
-            _, s = compute_loss(fn, args, logps, batch, gather_ref(eval_ref, b), state, needs)
-            sums = {k: sums.get(k, 0.0) + v for k, v in s.items()}
-            n += len(b)
-        scorer.train()
-        return {"eval/" + k: v for k, v in reduce_sums(sums, n, ddp, device).items()}
-
-    if step == 0 and needs["ref"]:
-        step0_check(scorer, train_pairs, train_ref, pad_id, autocast, to_dev, args, rank0)
-    history, last_ckpt = [], None
-
-    def log(row: dict) -> dict:  # one JSON object per line, rank 0 only; also kept in memory for the summary
-        history.append(row)
-        if rank0:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        return row
-    bar = tqdm(total=total, initial=step, disable=not rank0, desc=args.loss, dynamic_ncols=True)
-    batches, t0, tokens = None, time.time(), 0
-    sums, count, pad_sum = {}, 0, [0, 0]
-    while step < total:
+    history, last_ckpt, window, t0 = [], None, [], time.time()
+    micro = args.micro_batch_size or args.batch_size // world
+    for step in tqdm(range(step, total), initial=step, total=total, disable=rank > 0, desc=args.loss):
         epoch, i = divmod(step, steps_per_epoch)
-        if batches is None or i == 0:
-            batches = epoch_batches(epoch)
+        batches = epoch_batches(train_pairs, args, epoch) if i == 0 and epoch > 0 else batches
         lr = get_lr(step, total, args)
         for group in opt.param_groups:
             group["lr"] = lr
         if eval_pairs and args.eval_every and step % args.eval_every == 0:
-            log({"step": step, **evaluate()})
-        if args.save_every and step % args.save_every == 0 and step > 0 and rank0:
+            log({"step": step, **evaluate(scorer, eval_pairs, pad_id, args, step, loss_state, device)}, history, out_dir)
+        if args.save_every and step % args.save_every == 0 and step > 0 and rank == 0:
             last_ckpt = save_checkpoint(out_dir, step, model, opt, scaler, loss_state, counters, args)
 
         mine = batches[i][rank::world]
-        micro_batches = [mine[j:j + micro] for j in range(0, len(mine), micro)]
-        step_loss = 0.0
-        for k, mb in enumerate(micro_batches):
-            batch = to_dev(data.collate([train_pairs[j] for j in mb], pad_id))
-            sync = contextlib.nullcontext() if not ddp or k == len(micro_batches) - 1 else scorer.no_sync()
-            with sync:
-                with autocast():
-                    logps = scorer(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-                state = {"loss": loss_state, "_step": step}
-                per_pair, s = compute_loss(fn, args, logps.float(), batch, gather_ref(train_ref, mb), state, needs,
-                                           gather_all if ddp else None)
-                # sum / global batch, times world: DDP averages gradients over ranks, so this is the global mean
-                loss = per_pair.sum() * world / args.batch_size
-                scaler.scale(loss).backward()
-            step_loss += loss.item() / world  # this rank's share of the global mean
-            sums = {key: sums.get(key, 0.0) + v for key, v in s.items()}
-            count += len(mb)
-            real = int(batch["attention_mask"].sum())
-            tokens += real
-            pad_sum[0] += real
-            pad_sum[1] += batch["attention_mask"].numel()
-
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        scale = scaler.get_scale()
-        if scaler.is_enabled() or torch.isfinite(grad_norm):
-            scaler.step(opt)  # with fp16, skipped inside when the gradients hold inf/NaN
-        scaler.update()
-        skipped = not torch.isfinite(grad_norm) or scaler.get_scale() < scale
-        counters["skipped_steps"] += int(skipped)
-        opt.zero_grad(set_to_none=True)
-        if ddp:  # every rank must take the same stop decision, or the others hang in the next all-reduce
-            step_loss = reduce_sums({"l": step_loss}, 1.0 / world, ddp, device)["l"]
-        counters["nan_streak"] = counters["nan_streak"] + 1 if not math.isfinite(step_loss) else 0
-        step += 1
-        bar.update(1)
+        micro_batches = [data.collate([train_pairs[j] for j in mine[k:k + micro]], pad_id, device)
+                         for k in range(0, len(mine), micro)]
+        loss = functools.partial(losses.compute, args.loss, hparams=step_hparams(args, step), state=loss_state,
+                                 gather=all_gather if world > 1 else None)
+        out = train_step(scorer, opt, scaler, micro_batches, loss, batch_size=args.batch_size, dtype=args.dtype,
+                         grad_clip=args.grad_clip)
+        counters["skipped_steps"] += int(out["skipped"])
+        counters["nan_streak"] = counters["nan_streak"] + 1 if not math.isfinite(out["loss"]) else 0
         if counters["nan_streak"] >= args.nan_patience:
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
-            raise SystemExit(f"stopping at step {step}: the loss was non-finite for {args.nan_patience} consecutive "
-                             f"steps; {where}. Try --dtype bf16/fp32 or a lower --lr.")
-        if step % args.log_every == 0 or step == total:
-            dt = time.time() - t0
-            row = log({"step": step, "epoch": step / steps_per_epoch, "lr": lr, "grad_norm": grad_norm.item(),
-                       **reduce_sums(sums, count, ddp, device), "tokens_per_s": tokens * world / dt,
-                       "padding_fraction": 1 - pad_sum[0] / max(1, pad_sum[1]), "fp16_scale": scaler.get_scale(),
-                       "skipped_steps": counters["skipped_steps"]})
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-            sums, count, pad_sum, tokens, t0 = {}, 0, [0, 0], 0, time.time()
-
-    bar.close()
+            raise UserError(f"stopping at step {step + 1}: the loss was non-finite for {args.nan_patience} "
+                            f"consecutive steps; {where}. Try --dtype bf16/fp32 or a lower --lr.")
+        window.append(out)
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
+            log({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr,
+                 **window_metrics(window, time.time() - t0, world, device), "fp16_scale": scaler.get_scale(),
+                 "skipped_steps": counters["skipped_steps"]}, history, out_dir)
+            window, t0 = [], time.time()
+    step = total
     if eval_pairs:
-        log({"step": step, **evaluate()})
-    if rank0:
+        log({"step": step, **evaluate(scorer, eval_pairs, pad_id, args, step, loss_state, device)}, history, out_dir)
+    if rank == 0:
         save_checkpoint(out_dir, step, model, opt, scaler, loss_state, counters, args)
         model.save_pretrained(out_dir / "final")
         summarize(history, out_dir, args)
-    if ddp:
+    if world > 1:
         dist.destroy_process_group()
     return {"history": history, "model": model, "out_dir": out_dir}
-
-
-@torch.no_grad()
-def step0_check(scorer, pairs, ref, pad_id, autocast, to_dev, args, rank0) -> None:
-    """Before any update the policy *is* the reference: its log-probs must equal the cache and DPO's loss is ln 2.
-    A mismatch means the cache was built from other weights, tokens or template: fail before training on it."""
-    idx = list(range(min(len(pairs), args.batch_size)))
-    batch = to_dev(data.collate([pairs[i] for i in idx], pad_id))
-    with autocast():
-        logps = scorer(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
-    B = len(idx)
-    cached = torch.cat([ref["chosen"][idx], ref["rejected"][idx]]).to(logps.device)
-    # fp32 differs only by padding/summation order; 16-bit autocast rounds each token's log-prob
-    tol = (1e-3 if args.dtype == "fp32" else 2e-2) * (1 + cached.abs())
-    worst = ((logps - cached).abs() / tol).max().item()
-    dpo = losses.LOSSES["dpo"](logps[:B], logps[B:], cached[:B], cached[B:], batch["lens"][:B], batch["lens"][B:])
-    if worst > 1 or abs(dpo[0].mean().item() - math.log(2)) > 1e-2:
-        raise SystemExit(f"step-0 check failed: policy log-probs differ from the reference cache (worst "
-                         f"{worst:.2f}x tolerance; DPO loss {dpo[0].mean().item():.4f}, expected ln 2 = 0.6931). "
-                         f"Delete {args.cache_dir} to rebuild the cache.")
-    if rank0:
-        print(f"step-0 check passed: policy = cached reference (worst {worst:.3f}x tol), DPO loss = "
-              f"{dpo[0].mean().item():.4f} (ln 2 = 0.6931)")
 
 
 def summarize(history: list[dict], out_dir: Path, args) -> None:
@@ -484,7 +539,4 @@ def summarize(history: list[dict], out_dir: Path, args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, ImportError) as e:  # bad input, missing file, Hub unreachable: one line, no trace
-        sys.exit(f"train.py: error: {e}")
+    data.run_cli(main)

@@ -1,5 +1,5 @@
 """Generation throughput of evaluate.py on the 805-prompt AlpacaEval set: batched, left-padded, KV-cached greedy
-decoding through evaluate.generate_texts (the code path of `evaluate.py generate`).
+decoding through generate.generate_texts (the code path of `evaluate.py generate`).
 
     python benchmarks/bench_generate.py                                   # CPU: small random Qwen2, 805 prompts
     python benchmarks/bench_generate.py --config real --limit 32 --max-new-tokens 32 --batch-size 32   # CPU, 0.5B shape
@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
+import generate  # noqa: E402
+from model import Qwen2, Qwen2Config, UserError  # noqa: E402
 
 CONFIGS = {  # "real" = Qwen2.5-0.5B-Instruct's shape (the dataclass defaults)
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--config", choices=CONFIGS, default="small", help="random-weight shape when --model is not given")
     p.add_argument("--model", default=None, help="real weights: checkpoint folder or Hub id (uses its tokenizer)")
-    p.add_argument("--dtype", choices=evaluate.DTYPES, default="fp32", help="weight dtype")
+    p.add_argument("--dtype", choices=list(data.DTYPES), default="fp32", help="weight dtype")
     p.add_argument("--bench", default="alpaca_eval", help="alpaca_eval (Hub) or a local prompts file")
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all 805)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
@@ -76,28 +77,28 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     try:
         instructions, source = [r["instruction"] for r in evaluate.load_prompts(args.bench)[1]], args.bench
-    except SystemExit as e:  # Hub unreachable or file missing: say so and use the synthetic stand-in
+    except UserError as e:  # Hub unreachable or file missing: say so and use the synthetic stand-in
         print(f"{e}\n-> using 805 synthetic instructions of AlpacaEval-like length instead")
         instructions, source = synthetic_instructions(), "synthetic-805"
     instructions = instructions[:args.limit] if args.limit else instructions
     tmp = Path(tempfile.mkdtemp())
     if args.model:
-        model = Qwen2.from_pretrained(args.model, dtype=evaluate.DTYPES[args.dtype])
+        model = data.load_model(args.model, dtype=data.DTYPES[args.dtype])
         tok, config = data.load_tokenizer(model.source_dir), args.model
     else:
         tok = data.load_tokenizer(bpe_tokenizer(synthetic_instructions(), 4096, tmp))
         cfg = Qwen2Config(**CONFIGS[args.config], eos_token_id=tok.token_to_id("<|im_end|>"))
         if args.config == "small":
             cfg.vocab_size = tok.get_vocab_size()
-        model, config = Qwen2(cfg).to(evaluate.DTYPES[args.dtype]), f"random {args.config}"
+        model, config = Qwen2(cfg).to(data.DTYPES[args.dtype]), f"random {args.config}"
     model = model.to(args.device).eval()
     prompts = [data.render_chatml([{"role": "user", "content": x}], add_generation_prompt=True) for x in instructions]
     prompt_tokens = [len(tok.encode(x, add_special_tokens=False).ids) for x in prompts]
     eos = tuple(t for t in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")) if t is not None)
     t0 = time.perf_counter()
-    texts, ntok, secs = evaluate.generate_texts(model, tok, prompts, batch_size=args.batch_size,
-                                                max_new_tokens=args.max_new_tokens, sampling=evaluate.GREEDY,
-                                                eos_ids=eos, pad_id=tok.token_to_id("<|endoftext|>"))
+    texts, ntok, secs = generate.generate_texts(model, tok, prompts, batch_size=args.batch_size,
+                                                max_new_tokens=args.max_new_tokens, sampling=generate.GREEDY,
+                                                eos_ids=eos)
     wall = time.perf_counter() - t0
     row = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
            f"{torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name(),

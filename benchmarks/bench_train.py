@@ -6,7 +6,7 @@
 The step (train.py's, for loss "dpo"): policy forward of B pairs = 2B sequences of T tokens (rows 0..B-1 chosen,
 B..2B-1 rejected, each pair sharing its prompt) -> fp32 summed completion log-probs -> DPO loss (losses.dpo, beta 0.1)
 against precomputed reference log-probs -> backward (GradScaler with fp16) -> unscale, clip grad norm to 1 -> AdamW.
-  ours: model.Qwen2 + Qwen2.sequence_logps through train.SequenceLogps: only completion positions go through the
+  ours: model.Qwen2 + Qwen2.sequence_logps through train.Scorer: only completion positions go through the
         LM head, in chunks, and no [2B, T, V] logits exist (the chunk logits are recomputed in backward).
   peer: transformers' Qwen2ForCausalLM (sdpa attention, use_cache=False), loaded from ours' save_pretrained folder,
         full logits [2B, T, V] -> log_softmax(logits.float()) -> gather -> masked sum (TRL's concatenated_forward
@@ -45,7 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import losses  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
-from train import SequenceLogps  # noqa: E402
+from train import Scorer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(Qwen2Config defaults, 24 layers); small = the same widths and 151,936-row vocabulary with "
                    "--layers layers (default: real on cuda, small on cpu); weights are random either way")
     g.add_argument("--layers", type=int, default=4, help="num_hidden_layers of --config small")
-    g.add_argument("--compile", action="store_true", help="torch.compile ours' SequenceLogps (as train.py "
+    g.add_argument("--compile", action="store_true", help="torch.compile ours' Scorer (as train.py "
                    "--compile); the peer stays eager")
     g.add_argument("--chunk-size", type=int, default=1024, help="ours: tokens per LM-head chunk (train.py "
                    "--logps-chunk-size)")
@@ -315,7 +315,7 @@ def main(argv=None) -> None:
     ours_model.to(dev).train()
     hf.to(dev).train()
     batch = make_batch(args, config.vocab_size, dev)
-    scorer = SequenceLogps(ours_model, args.chunk_size)
+    scorer = Scorer(ours_model, args.chunk_size)
     with torch.no_grad():  # "precomputed" reference: the start policy plus noise, so the loss is neither ln 2 nor flat
         ref = scorer(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
         ref += 5.0 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(args.seed)).to(dev)

@@ -8,13 +8,18 @@ Nothing here touches the network. Everything is deterministic and small enough t
                                          a tiny random Qwen2 saved with Qwen2.save_pretrained + the tokenizer files
     make_pref_rows(n=8, fmt="standard", seed=0) -> list[dict]   TRL-format preference rows with scores
     write_jsonl(path, rows) -> Path
-    fixtures: tokenizer_dir, tiny_model_dir (session-scoped), pref_jsonl (standard rows in tmp_path)
+    hf_model(tied, seed=0), ours_from(hf), ragged(lengths, seed=1, left=False)
+                                         transformers' Qwen2 with every parameter re-randomised (the parity
+                                         oracle), our copy of it, and padded token rows (TINY config, PAD id)
+    fixtures: tokenizer_dir, tiny_model_dir (session-scoped), pref_jsonl (standard rows in tmp_path),
+              pair ((transformers, ours) for a tied and an untied TINY model, module-scoped)
 """
 import json
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -143,7 +148,7 @@ def make_model_dir(path, tokenizer_dir=None, seed: int = 0, **config_overrides) 
     """A tiny random Qwen2 (hidden 32, 2 layers, 4 heads, 2 kv heads, intermediate 64, tied embeddings, vocab =
     tokenizer size rounded up to 64 like Qwen's padded embedding) saved with Qwen2.save_pretrained, plus the
     tokenizer files, so Qwen2.from_pretrained(path) and data.load_tokenizer(path) both work.
-    config_overrides are Qwen2Config fields. model is imported here so this file imports before model.py exists."""
+    config_overrides are Qwen2Config fields."""
     import shutil
 
     import torch
@@ -221,3 +226,49 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 def pref_jsonl(tmp_path) -> Path:
     """A small standard-format preference JSONL (8 rows, with scores) in tmp_path."""
     return write_jsonl(tmp_path / "prefs.jsonl", make_pref_rows(8, "standard"))
+
+
+# ---------------------------------------------------------------- the transformers oracle (test_model, test_generate)
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6)
+PAD = 0
+
+
+def hf_model(tied: bool, seed: int = 0):
+    """transformers.Qwen2ForCausalLM on TINY with every parameter redrawn (HF's init zeroes biases and sets norms
+    to 1, which would hide a dropped bias or a swapped norm)."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(**TINY, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # every parameter, norms around 1, biases non-zero
+            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("layernorm.weight") or name == "model.norm.weight"
+                    else 0.15 * torch.randn_like(p))
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
+    return hf
+
+
+def ours_from(hf):
+    from model import Qwen2, Qwen2Config
+    ours = Qwen2(Qwen2Config.from_dict(hf.config.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return ours
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def pair(request):
+    hf = hf_model(request.param)
+    return hf, ours_from(hf)
+
+
+def ragged(lengths, seed=1, left=False):
+    """Token rows of the given lengths, padded (right or left) into [B, max] with their 0/1 attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, TINY["vocab_size"], (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    ids, mask = torch.full((len(seqs), T), PAD), torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = s, 1
+    return seqs, ids, mask

@@ -14,7 +14,8 @@ from conftest import make_pref_rows, write_jsonl
 from tokenizers import Tokenizer
 
 import data
-from data import Pair, collate, load_rows, make_batches, padding_fraction, ref_cache, render_chatml, tokenize_pairs
+from data import (Pair, UserError, collate, load_rows, make_batches, padding_fraction, ref_cache, render_chatml,
+                  tokenize_pairs)
 
 SYSTEM_BLOCK = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 
@@ -153,7 +154,7 @@ def test_pair_with_no_room_for_completion_is_dropped_and_counted(tok):
 
 
 def test_invalid_lengths(tok):
-    with pytest.raises(ValueError, match="max_prompt_length"):
+    with pytest.raises(UserError, match="--max-prompt-length"):
         tokenize_pairs([], tok, max_length=100, max_prompt_length=200)
 
 
@@ -184,7 +185,7 @@ def test_bad_row_error_names_file_row_and_problem(problem, tmp_path, tok):
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join([json.dumps(GOOD), json.dumps(GOOD), BAD_ROWS[problem], json.dumps(GOOD)]) + "\n")
     rows, _ = load_rows(str(path))
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         tokenize_pairs(rows, tok, source=str(path))
     msg = str(err.value)
     assert str(path) in msg and "row 2 (line 3)" in msg and problem in msg and "--skip-bad-rows" in msg, msg
@@ -219,20 +220,20 @@ def test_json_parquet_and_jsonl_sources_give_the_same_rows(tmp_path):
 
 
 def test_source_errors(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json: not found"):
+    with pytest.raises(UserError, match=r"tokenizer\.json: not found"):
         data.load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(UserError, match="nope.jsonl"):
         load_rows(str(tmp_path / "nope.jsonl"))
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"d\.csv: expected a \.jsonl, \.json or \.parquet"):
+    with pytest.raises(UserError, match=r"d\.csv: expected a \.jsonl, \.json or \.parquet"):
         load_rows(str(tmp_path / "d.csv"))
     (tmp_path / "broken.json").write_text('[{"prompt": "x"},')
-    with pytest.raises(ValueError, match=r"broken\.json: invalid JSON at line 1"):
+    with pytest.raises(UserError, match=r"broken\.json: invalid JSON at line 1"):
         load_rows(str(tmp_path / "broken.json"))
     (tmp_path / "p.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
-    with pytest.raises(ImportError, match=r"p\.parquet: reading parquet needs pyarrow \(pip install pyarrow\)"):
+    with pytest.raises(UserError, match=r"p\.parquet: reading parquet needs pyarrow \(pip install pyarrow\)"):
         load_rows(str(tmp_path / "p.parquet"))
 
 
@@ -240,7 +241,7 @@ def test_hub_unreachable_is_one_line_suggesting_a_local_file(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(ConnectionError) as err:
+    with pytest.raises(UserError) as err:
         load_rows("trl-lib/ultrafeedback_binarized", "test")
     msg = str(err.value)
     assert "\n" not in msg and "trl-lib/ultrafeedback_binarized" in msg and "'test'" in msg
@@ -277,8 +278,14 @@ def test_collate_layout():
     assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
     assert b["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
     assert b["loss_mask"].dtype == torch.bool and b["attention_mask"].dtype == torch.long
-    assert b["lens"].tolist() == [3, 1, 1, 2]
-    assert b["scores"][0] == 1.0 and all(math.isnan(x) for x in b["scores"][1:].tolist())
+    assert b["chosen_lens"].tolist() == [3, 1] and b["rejected_lens"].tolist() == [1, 2]
+    assert b["chosen_scores"][0] == 1.0 and all(math.isnan(x) for x in b["chosen_scores"][1:].tolist())
+    assert all(math.isnan(x) for x in b["rejected_scores"].tolist()) and "ref_chosen_logps" not in b
+    pairs[0].ref_chosen_logps, pairs[0].ref_rejected_logps = -1.5, -2.5
+    assert "ref_chosen_logps" not in collate(pairs, pad_id=0)  # only when every pair has them
+    pairs[1].ref_chosen_logps, pairs[1].ref_rejected_logps = -3.0, -4.0
+    b = collate(pairs, pad_id=0)
+    assert b["ref_chosen_logps"].tolist() == [-1.5, -3.0] and b["ref_rejected_logps"].tolist() == [-2.5, -4.0]
 
 
 def _random_pairs(n=300, seed=0, scores=True):
@@ -321,7 +328,7 @@ def test_margin_order_is_easy_to_hard():
     assert sorted(flat) == list(range(len(pairs))) and margins == sorted(margins, reverse=True)
     assert margins[0] > margins[-1]
     assert make_batches(pairs, 8, seed=0, order="margin") == batches
-    with pytest.raises(ValueError, match="300 of 300 pairs lack them"):
+    with pytest.raises(UserError, match="300 of 300 pairs lack them"):
         make_batches(_random_pairs(scores=False), 8, order="margin")
     with pytest.raises(ValueError, match="expected 'length' or 'margin'"):
         make_batches(pairs, 8, order="random")
@@ -411,7 +418,7 @@ def test_corrupt_cache_is_an_error_with_the_rebuild_command(cache_args, capsys):
     }
     for expected, corrupt in corruptions.items():
         corrupt()
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(UserError) as err:
             ref_cache(**cache_args)
         msg = str(err.value)
         assert expected in msg and str(out) in msg, msg
@@ -463,3 +470,34 @@ def test_cli_help_documents_the_precompute(capsys):
     for flag in ("--model", "--revision", "--data", "--split", "--out", "--max-length", "--max-prompt-length",
                  "--dtype", "--batch-size", "--skip-bad-rows", "--rebuild", "trl-lib/ultrafeedback_binarized"):
         assert flag in text, flag
+
+
+# ---------------------------------------------------------------- model folders (local or Hub)
+
+def test_model_folder_errors(tmp_path):
+    with pytest.raises(UserError, match=r"\./rel/dir.*does not exist"):
+        data.resolve_model_dir("./rel/dir")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(UserError, match="file.txt"):
+        data.load_model(str(tmp_path / "file.txt"))
+
+
+def test_error_hub_unreachable(monkeypatch, tmp_path):
+    """The real snapshot_download in offline mode with an empty cache: it raises without touching the network."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"'Qwen/Qwen2\.5-0\.5B-Instruct'.*Hub is unreachable.*local") as e:
+        data.load_model("Qwen/Qwen2.5-0.5B-Instruct")
+    assert "\n" not in str(e.value) and e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_error_hub_connection_failure(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_network(*args, **kwargs):  # what snapshot_download raises online when the host cannot be reached
+        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub ...")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(UserError, match="some-org/some-model"):
+        data.resolve_model_dir("some-org/some-model", revision="main")

@@ -1,5 +1,6 @@
 """train.py end to end on the offline demo (CPU): it learns, resumes exactly, saves atomically, survives NaNs,
-runs every loss, and DDP under gloo equals one process."""
+runs every loss, and DDP under gloo equals one process; its parts (flags, curriculum, train_step) on their own."""
+import functools
 import json
 import math
 import os
@@ -11,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import losses
 import train
+from model import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +81,12 @@ def test_step0_check_catches_a_wrong_cache(tmp_path, cache_dir, monkeypatch):
 
     def shifted(*a, **k):
         pairs, ref, meta = real(*a, **k)
-        return pairs, {**ref, "ref_chosen_logps": ref["ref_chosen_logps"] - 5.0}, meta
+        for p in pairs:
+            p.ref_chosen_logps -= 5.0
+        return pairs, ref, meta
 
     monkeypatch.setattr(train.data, "ref_cache", shifted)
-    with pytest.raises(SystemExit, match="step-0 check failed"):
+    with pytest.raises(UserError, match="step-0 check failed"):
         demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "1", "--eval-split", "")
 
 
@@ -135,7 +140,7 @@ def test_nan_loss_stops_without_saving_nans(tmp_path, cache_dir, monkeypatch):
         return per_pair * float("nan"), c, r
 
     monkeypatch.setitem(losses.LOSSES, "dpo", nan_dpo)
-    with pytest.raises(SystemExit, match=r"stopping at step 3: the loss was non-finite for 3 consecutive steps"):
+    with pytest.raises(UserError, match=r"stopping at step 3: the loss was non-finite for 3 consecutive steps"):
         demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "10", "--eval-split", "", "--nan-patience", "3",
              "--dtype", "fp16", "--log-every", "1")
     assert not (tmp_path / "final").exists()
@@ -164,3 +169,89 @@ def test_ddp_gloo_equals_one_process(tmp_path, cache_dir):
     differ = max((a[k] - b[k]).abs().max().item() for k in a)
     # Adam divides by sqrt(v): summation-order rounding in near-zero gradients grows, but stays far below a step
     assert differ < 0.05 * moved, (moved, differ)
+
+
+def test_loss_flags_have_one_meaning_and_help_shows_defaults(capsys):
+    """Every loss hyperparameter name has one documented meaning (HPARAMS) and one flag; --help shows a default for
+    every flag (per loss for the loss flags); only the chosen loss's hyperparameters survive resolution."""
+    names = {n for key in losses.LOSSES for n in losses.defaults(key)}
+    assert names == set(train.HPARAMS)
+    parser = train.build_parser()
+    formatter = data.HelpFormatter("train.py")
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in formatter._get_help_string(action), action.dest
+    text = parser.format_help()
+    assert "--label-smoothing" in text and "0.001 (exo)" in text and "--flip-rate" in text
+    args = train.get_args(["--loss", "simpo", "--beta", "2.5"])
+    assert args.hparams == {"beta": 2.5, "gamma_beta_ratio": 0.5}
+    assert not any(hasattr(args, n) for n in names)  # no None-valued flags of other losses in args.json
+    with pytest.raises(SystemExit):  # the loss rejects δ >= ln 2 at parse time, before any work
+        train.get_args(["--loss", "margin_sigmoid", "--delta", "0.7"])
+    assert "delta" in capsys.readouterr().err
+
+
+def test_curriculum_ramps_only_margin_sigmoid_delta(tmp_path, cache_dir):
+    """Yao et al. 2025 §5.4.4: δ goes linearly 0 -> --delta over --curriculum-steps. At step 0 (policy = reference,
+    z = 0) margin-sigmoid's loss is ln 2 - δ, so the first logged loss shows which δ the loop used."""
+    args = train.get_args(["--loss", "margin_sigmoid", "--delta", "0.2", "--curriculum-steps", "10"])
+    assert [train.step_hparams(args, s)["delta"] for s in (0, 5, 10, 20)] == [0.0, 0.1, 0.2, 0.2]
+    assert args.hparams["delta"] == 0.2 and train.step_hparams(args, 5)["beta"] == 0.1
+    with pytest.raises(SystemExit):
+        train.get_args(["--loss", "slic", "--curriculum-steps", "10"])
+    first = {}
+    for ramp in ("0", "100"):
+        out = demo(tmp_path / ramp, cache_dir, "--loss", "margin_sigmoid", "--delta", "0.2", "--curriculum-steps",
+                   ramp, "--max-steps", "1", "--log-every", "1", "--eval-split", "")
+        first[ramp] = out["history"][0]["loss"]
+    assert first["0"] == pytest.approx(math.log(2) - 0.2, abs=1e-5)
+    assert first["100"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def _step(model_dir, pairs, sizes, loss):
+    """One train.train_step from a fresh copy of the model, with micro-batches of the given sizes."""
+    model = train.Qwen2.from_pretrained(model_dir).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the gradient: updates compare exactly
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    micro = [data.collate(pairs[s:s + n], 0) for s, n in zip(starts, sizes)]
+    out = train.train_step(model.sequence_logps, opt, torch.amp.GradScaler("cpu", enabled=False), micro, loss,
+                           batch_size=sum(sizes), dtype="fp32", grad_clip=1.0)
+    return out, model
+
+
+def test_train_step_is_one_exact_optimizer_step(tiny_model_dir):
+    """train_step on its own: the loss is the mean over the global batch, gradient accumulation over micro-batches
+    gives the same update as one batch, the grad norm is the unclipped norm, and a NaN loss skips the step."""
+    from conftest import make_pref_rows
+    pairs, _ = data.tokenize_pairs(make_pref_rows(4), data.load_tokenizer(tiny_model_dir), 256, 128)
+    loss = functools.partial(losses.compute, "simpo")
+    model = train.Qwen2.from_pretrained(tiny_model_dir).train()
+    want = losses.compute("simpo", data.pair_logps(model.sequence_logps, data.collate(pairs, 0)))[0].mean()
+    want.backward()
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
+    whole, m1 = _step(tiny_model_dir, pairs, [4], loss)
+    split, m2 = _step(tiny_model_dir, pairs, [1, 3], loss)
+    for out in (whole, split):
+        assert out["loss"] == pytest.approx(want.item(), rel=1e-5) and out["grad_norm"] == pytest.approx(norm.item())
+        assert not out["skipped"] and out["pairs"] == 4 and out["sums"]["loss"] == pytest.approx(4 * want.item())
+    moved = [(a - p).abs().max().item() for a, p in zip(m1.parameters(), model.parameters())]
+    assert max(moved) > 1e-4  # the step happened
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(m1.parameters(), m2.parameters()))
+    nan = lambda t: (lambda out: (out[0] * float("nan"), out[1]))(losses.compute("simpo", t))  # noqa: E731
+    out, m3 = _step(tiny_model_dir, pairs, [4], nan)
+    assert out["skipped"] and not math.isfinite(out["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(m3.parameters(), model.parameters()))  # untouched
+
+
+@pytest.mark.parametrize("cli, argv, names", [
+    ("train.py", ["--demo", "--loss", "dpo", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    ("data.py", ["--model", "no/such/dir/", "--data", "x.jsonl", "--out", "c"], "'no/such/dir/' does not exist"),
+    ("evaluate.py", ["diagnostics", "no_run", "--out", "d"], "diagnostics: no_run not found"),
+])
+def test_cli_user_error_is_one_line_exit_2(cli, argv, names, tmp_path):
+    """A user mistake is one line `<cli>: error: ...` on stderr and exit status 2, no traceback."""
+    extra = ["--out-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")] if cli == "train.py" else []
+    r = subprocess.run([sys.executable, str(ROOT / cli), *argv, *extra], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"{cli}: error: ") and names in r.stderr and r.stderr.count("\n") == 1, r.stderr
