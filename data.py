@@ -21,8 +21,8 @@ Truncation (defaults of Yao et al. 2025, max_length 1024, max_prompt_length 256)
 from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
 and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
 
-Batch layout (collate; pair_logps is the one place that splits it): rows 0..B-1 = prompt+chosen, rows B..2B-1 =
-prompt+rejected, right-padded; per-pair tensors [B] carry the names losses.compute reads.
+Batches (collate) hold each pair's two sequences in one forward pass; pair_logps is the one place that splits
+them back into per-pair tensors named as losses.compute reads them.
 
 Reference cache (`python data.py --model M --data D --split S --out DIR`, or ref_cache() from training): DIR/
 ref_logps.safetensors (float32 ref_chosen_logps, ref_rejected_logps = summed completion log-probs; long index =

@@ -44,14 +44,19 @@ def load_policy(args, dtype=torch.float32):
 def preference_metrics(metrics: dict[str, torch.Tensor]) -> dict:
     """Held-out TRL metrics (means over pairs) from losses.compute's per-pair metrics, plus the standard error of
     the accuracy and the 10/50/90th percentiles of the reward margins."""
-    m = metrics["rewards/margins"].double()
-    acc = metrics["rewards/accuracies"].double().mean().item()
-    q = np.percentile(m.numpy(), [10, 50, 90]).tolist()
-    return {"n_pairs": len(m), **{k: metrics[k].double().mean().item() for k in (
-                "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
-                "logps/rejected")},
-            "rewards/accuracies_se": math.sqrt(acc * (1 - acc) / len(m)), "margins_p10": q[0], "margins_p50": q[1],
-            "margins_p90": q[2]}
+    means = {k: v.double().mean().item() for k, v in metrics.items() if k.startswith(("rewards/", "logps/"))}
+    acc, n = means["rewards/accuracies"], len(metrics["rewards/margins"])
+    p10, p50, p90 = np.percentile(metrics["rewards/margins"].double().numpy(), [10, 50, 90]).tolist()
+    return {"n_pairs": n, **means, "rewards/accuracies_se": math.sqrt(acc * (1 - acc) / n), "margins_p10": p10,
+            "margins_p50": p50, "margins_p90": p90}
+
+
+def score(key: str, t: dict[str, torch.Tensor], hparams: dict) -> tuple[torch.Tensor, dict]:
+    """losses.compute on held-out pairs (fresh running statistics); data a loss cannot score is a UserError."""
+    try:  # the losses raise ValueError for data they cannot score (NaN or reversed scores, too few pairs)
+        return losses.compute(key, t, hparams, state={})
+    except ValueError as e:
+        raise UserError(f"--loss {key}: {e}") from None
 
 
 def loss_report(key: str, t: dict[str, torch.Tensor], hparams: dict) -> dict:
@@ -66,10 +71,7 @@ def loss_report(key: str, t: dict[str, torch.Tensor], hparams: dict) -> dict:
                                    for q in range(4) if (b := quartile == q).any()}
     out = {}
     for name, sel in groups.items():
-        try:  # the losses raise ValueError for data they cannot score (NaN scores, too few pairs)
-            per_pair, metrics = losses.compute(key, {k: v[sel] for k, v in t.items()}, hparams, state={})
-        except ValueError as e:
-            raise UserError(f"--loss {key} on {name} pairs: {e}") from None
+        per_pair, metrics = score(key, {k: v[sel] for k, v in t.items()}, hparams)
         out[name] = {"n": int(sel.sum()), "loss": per_pair.mean().item(),
                      **{k: v.mean().item() for k, v in metrics.items() if k.startswith(key + "/")}}
     return out
@@ -109,12 +111,10 @@ def cmd_prefs(args) -> dict:
           f"reward {reward}, {hparams}")
     t = data.score_pairs(policy.sequence_logps, pairs, tok.token_to_id(data.PAD_TOKEN), args.batch_size,
                          next(policy.parameters()).device, args.dtype)
-    report = loss_report(key, t, hparams)
-    _, metrics = losses.compute(key, t, hparams, state={})
-    res = {"reward": reward, "beta": hparams.get("beta", 1.0), **preference_metrics(metrics), "model": args.model,
-           "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args)}
+    res = {"reward": reward, "beta": hparams.get("beta", 1.0), **preference_metrics(score(key, t, hparams)[1]),
+           "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args)}
     if args.loss:
-        res["loss"] = {"key": key, **report}
+        res["loss"] = {"key": key, **loss_report(key, t, hparams)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2, default=str))
     print(json.dumps({k: v for k, v in res.items() if "/" in k or k == "loss"}, indent=1))

@@ -273,7 +273,7 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
             scaler.scale(micro_loss).backward()
         step_loss += micro_loss.detach() / world  # this rank's share of the global mean
         sums = {key: sums.get(key, 0.0) + v.sum() for key, v in metrics.items()}
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch["attention_mask"].sum()  # a tensor: no device sync until the row is logged
     params = [p for group in opt.param_groups for p in group["params"]]
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
@@ -305,7 +305,7 @@ def window_metrics(window: list[dict], seconds: float, world: int, device) -> di
     sums = {}
     for out in window:
         sums = {k: sums.get(k, 0.0) + v for k, v in out["sums"].items()}
-    tokens, slots = sum(out["tokens"] for out in window), sum(out["slots"] for out in window)
+    tokens, slots = float(sum(out["tokens"] for out in window)), sum(out["slots"] for out in window)
     return {"grad_norm": window[-1]["grad_norm"], **mean_over_ranks(sums, sum(out["pairs"] for out in window), device),
             "tokens_per_s": tokens * world / seconds, "padding_fraction": 1 - tokens / max(1, slots)}
 
