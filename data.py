@@ -59,6 +59,14 @@ PAD_TOKEN = "<|endoftext|>"  # Qwen's pad token; its id is what collate() pads w
 CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha256", "max_length",
               "max_prompt_length", "template", "dtype")  # a cache is reused iff all of these match
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `prog: error: ... (see --help)`, with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -89,6 +97,8 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     """A local folder as is, else a Hub repo id fetched by `huggingface_hub.snapshot_download` (config, safetensors,
     index and tokenizer files only: never pickled `.bin` weights). Hub ids look like `name` or `owner/name`."""
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a model folder (no config.json)")
     if path.is_dir():
         return path
     if path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) or name_or_path.startswith("."):
@@ -182,16 +192,27 @@ def read_records(path, strict: bool = True) -> list:
     return rows
 
 
+def local_data_file(source: str) -> Path | None:
+    """The local data file that `source` names, or None for a Hub dataset id (`name` or `owner/name`). Anything that
+    looks like a path (it exists, has a file suffix, starts with . / ~ or has two slashes) must be an existing
+    .jsonl / .json / .parquet file: UserError otherwise, never a Hub download attempt."""
+    path = Path(source).expanduser()
+    if not (path.exists() or path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~"))
+            or source.count("/") > 1):
+        return None
+    if not path.exists():
+        raise UserError(f"{source}: no such file")
+    if path.is_dir() or path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise UserError(f"{source}: expected a .jsonl, .json or .parquet file, or a Hub dataset id")
+    return path
+
+
 def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list, str]:
     """Rows of a local .jsonl / .json / .parquet file (read_records, not strict: bad lines come back as ValueError
     objects for tokenize_pairs to report or skip with file and row), or of a Hub dataset's split (parquet files
     only; split and revision are ignored for local files). Returns (rows, "sha256:<hex>" of the bytes read)."""
-    path = Path(source)
-    if path.exists() and (path.is_dir() or path.suffix not in (".jsonl", ".json", ".parquet")):
-        raise UserError(f"{source}: expected a .jsonl, .json or .parquet file, or a Hub dataset id")
-    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
-        raise UserError(f"{source}: no such file")
-    files = [path] if path.exists() else _hub_files(source, split, revision)
+    path = local_data_file(source)
+    files = [path] if path else _hub_files(source, split, revision)
     return [row for f in files for row in read_records(f, strict=False)], _sha256(files)
 
 
@@ -397,7 +418,7 @@ def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: 
     return batches
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """write(tmp) to a temp file in the same folder, fsync, then os.replace: readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -477,11 +498,11 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
                    "index": torch.tensor([p.row for p in pairs], dtype=torch.long)}
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)  # the commit marker goes first: a crash below leaves no cache
-        _atomic_write(out / "ref_logps.safetensors", lambda tmp: save_file(tensors, tmp))
+        atomic_write(out / "ref_logps.safetensors", lambda tmp: save_file(tensors, tmp))
         tokens_per_s = n_tokens / (time.time() - t0)
         meta.update(tensors_sha256=_sha256([out / "ref_logps.safetensors"]), tokens_per_s=round(tokens_per_s),
                     created=time.strftime("%Y-%m-%d %H:%M:%S"))
-        _atomic_write(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        atomic_write(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         print(f"ref cache: wrote {out} ({len(pairs)} pairs, {n_tokens} tokens, {tokens_per_s:.0f} tokens/s)")
     for p, c, r in zip(pairs, tensors["ref_chosen_logps"].tolist(), tensors["ref_rejected_logps"].tolist()):
         p.ref_chosen_logps, p.ref_rejected_logps = c, r
@@ -489,7 +510,7 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Precompute the reference model's summed completion log-probs into "
+    p = ArgumentParser(description="Precompute the reference model's summed completion log-probs into "
                                 "OUT/ref_logps.safetensors + OUT/meta.json (train.py reuses them when the header "
                                 "matches).", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")

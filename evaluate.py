@@ -285,7 +285,7 @@ def cmd_diagnostics(args) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, about in (("prefs", "held-out preference metrics (TRL names), JSON"),
                         ("generate", "answers for AlpacaEval, MT-Bench or a JSONL of prompts")):

@@ -68,8 +68,9 @@ def judge_pairs(items: list[dict], *, url: str, judge_model: str, cache_path, ap
     """A verdict per {instruction, output, reference}: 1 output wins, 0 reference wins, ½ identical, None malformed.
 
     The output is shown first on even items and second on odd ones, so the judge's position bias cancels in the
-    mean. Each verdict is appended to cache_path (JSONL, flushed at once) under a hash of judge model, prompt
-    version and the three texts: a rerun never pays twice. Malformed replies are cached too (they were paid for)
+    mean. Each verdict is appended to cache_path as it arrives (JSONL; one unbuffered write of the whole line, then
+    fsync, so a killed run leaves whole lines) under a hash of judge model, prompt version and the three texts: a
+    rerun, or a run after a kill, never pays twice. Malformed replies are cached too (they were paid for)
     and re-asked only with retry_malformed; items whose retries ran out ('failed') are not cached.
     """
     counts = dict(cached=0, judged=0, identical=0, malformed=0, failed=0, cache_bad_lines=0)
@@ -77,7 +78,7 @@ def judge_pairs(items: list[dict], *, url: str, judge_model: str, cache_path, ap
     cache = {rec["key"]: rec for rec in lines if isinstance(rec, dict) and "key" in rec}
     counts["cache_bad_lines"] = len(lines) - len(cache)  # a run killed mid-write leaves a torn last line
     records = []
-    with open(cache_path, "a", encoding="utf-8") as f:
+    with open(cache_path, "ab", buffering=0) as f:  # unbuffered append: each record is one write() of a line
         for i, it in enumerate(tqdm(items, desc="judge", leave=False)):
             texts = [judge_model, JUDGE_VERSION, it["instruction"], it["output"], it["reference"]]
             key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
@@ -100,8 +101,8 @@ def judge_pairs(items: list[dict], *, url: str, judge_model: str, cache_path, ap
             counts["malformed" if verdict is None else "judged" if reply != "identical outputs" else "identical"] += 1
             rec = {"key": key, "instruction": it["instruction"], "verdict": verdict, "output_first": first,
                    "reply": reply, "len_output": len(it["output"]), "len_reference": len(it["reference"])}
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+            f.write((json.dumps(rec) + "\n").encode())  # paid for: on disk before the next request
+            os.fsync(f.fileno())
             records.append(rec)
     return records, counts
 

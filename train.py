@@ -5,26 +5,27 @@
     torchrun --nproc_per_node 8 train.py --loss dpo  # DDP; --batch-size stays the global batch
 
 Reference-based losses read the reference log-probs from a disk cache (data.ref_cache builds it on first use), so
-only the policy is in memory. Every run writes out_dir/{args.json, metrics.jsonl, ckpt-*/, final/}.
-Reading order: arguments -> model, data, optimizer (main) -> train_step, one optimizer step -> checkpoints.
+only the policy is in memory. Every run writes out_dir/{args.json, metrics.jsonl, ckpt-*/, final/} (checkpoint.py),
+and only after every flag and input has been checked. Exit status: 0 when the run trained what it was asked to,
+2 for a mistake in the input (one line), anything else for a crash.
+Reading order: arguments -> main (inputs, model, optimizer, the loop) -> train_step, one optimizer step.
 """
 import argparse
 import contextlib
 import copy
 import functools
-import json
 import math
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import checkpoint
 import data
 import losses
 from model import Qwen2, Qwen2Config, UserError
@@ -72,7 +73,7 @@ PROBE = dict(chosen_logps=[-1.0, -2.0], rejected_logps=[-2.0, -3.0], ref_chosen_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    p = data.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=data.DEFAULT_MODEL, help="Hub id or local folder of the policy (also the "
                    "reference: the frozen starting point)")
@@ -127,8 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=200, help="evaluate on the held-out pairs every N steps "
                    "(and at the end; 0 = only at the end)")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0 = only at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
-    g.add_argument("--nan-patience", type=int, default=5, help="stop after N consecutive non-finite losses")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its newest checkpoint "
+                   "(its result-changing arguments must be the same)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out-dir (deleted once "
+                   "every input has been checked); without it such a folder is refused")
+    g.add_argument("--nan-patience", type=int, default=5, help="stop after N consecutive bad steps (non-finite "
+                   "loss, or non-finite gradients outside fp16's loss scaling)")
     g.add_argument("--demo", action="store_true", help="offline demo: tiny Qwen2 from scratch, demo/ data and "
                    "tokenizer; other flags still override")
     return p
@@ -142,6 +147,9 @@ def get_args(argv=None) -> argparse.Namespace:
     if pre.demo:
         p.set_defaults(**DEMO)
     args = p.parse_args(argv)
+    if args.eval_data is None and args.eval_split and data.local_data_file(args.data):
+        p.error(f"--eval-data: --data {args.data} is a local file, which has no splits, so the held-out pairs would be "
+                "the training pairs; pass --eval-data FILE, or --eval-split '' for no evaluation")
     args.out_dir, args.eval_data = args.out_dir.format(loss=args.loss), args.eval_data or args.data
     hps = losses.defaults(args.loss)
     for name in HPARAMS:
@@ -152,6 +160,7 @@ def get_args(argv=None) -> argparse.Namespace:
         if name in hps and value is not None:
             hps[name] = value
     args.hparams = hps
+    validate(args, p)
     if args.curriculum_steps and args.loss != "margin_sigmoid":
         p.error(f"--curriculum-steps ramps margin_sigmoid's δ; --loss {args.loss} has no curriculum")
     try:  # the loss checks its own hyperparameters (e.g. margin_sigmoid's δ < ln 2): ask it once, before any work
@@ -159,6 +168,41 @@ def get_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def validate(args, p: argparse.ArgumentParser) -> None:
+    """Ranges and combinations of the flags, files and device, each error naming the flag and what it must be."""
+    rules = [("batch_size", args.batch_size >= 1, "a positive number of pairs"),
+             ("micro_batch_size", args.micro_batch_size >= 0, "0 (batch size / world size) or positive"),
+             ("epochs", args.epochs >= 1, "at least 1"),
+             ("max_steps", args.max_steps >= 0, "0 (all epochs) or positive"),
+             ("max_pairs", args.max_pairs >= 0, "0 (all) or positive"),
+             ("max_prompt_length", 0 < args.max_prompt_length < args.max_length,
+              f"between 1 and --max-length - 1 = {args.max_length - 1} (room for the completion)"),
+             ("lr", args.lr > 0, "positive"),
+             ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
+             ("weight_decay", args.weight_decay >= 0, ">= 0"),
+             ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
+             ("curriculum_steps", args.curriculum_steps >= 0, "0 (off) or positive"),
+             ("logps_chunk_size", args.logps_chunk_size >= 1, "positive"),
+             ("log_every", args.log_every >= 1, "positive"),
+             ("eval_every", args.eval_every >= 0, "0 (only at the end) or positive"),
+             ("save_every", args.save_every >= 0, "0 (only at the end) or positive"),
+             ("nan_patience", args.nan_patience >= 1, "at least 1")]
+    for name, ok, must in rules:
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
+    if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
+        p.error(f"--device {args.device}: expected auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    for flag in ("data", "eval_data"):
+        try:
+            data.local_data_file(getattr(args, flag))
+        except UserError as e:
+            p.error(f"--{flag.replace('_', '-')}: {e}")
 
 
 def get_lr(step: int, total: int, args) -> float:
@@ -197,8 +241,6 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 def setup_device(args) -> tuple[int, int, torch.device]:
     """(rank, world size, device); under torchrun this joins the process group (NCCL on GPUs, gloo on CPUs)."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if "RANK" not in os.environ:
         return 0, 1, device
@@ -343,7 +385,7 @@ def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> No
     tol = (1e-3 if args.dtype == "fp32" else 2e-2) * (1 + cached.abs())
     worst = ((policy - cached).abs() / tol).max().item()
     dpo = losses.compute("dpo", t)[0].mean().item()
-    if worst > 1 or abs(dpo - math.log(2)) > 1e-2:
+    if not (worst <= 1 and abs(dpo - math.log(2)) <= 1e-2):  # written so that a NaN fails it
         raise UserError(f"step-0 check failed: policy log-probs differ from the reference cache (worst "
                         f"{worst:.2f}x tolerance; DPO loss {dpo:.4f}, expected ln 2 = 0.6931). Delete "
                         f"{args.cache_dir} to rebuild the cache.")
@@ -351,91 +393,18 @@ def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> No
           f"(ln 2 = 0.6931)")
 
 
-def save_checkpoint(out_dir: Path, step: int, model, opt, scaler, loss_state: dict, counters: dict, args) -> Path:
-    """Atomic: everything goes to ckpt-N.tmp, which is renamed, then latest.json is swapped; a crash at any point
-    leaves the previous checkpoint and pointer intact. Only safetensors and JSON: nothing is pickled."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise RuntimeError(f"refusing to save non-finite weights at step {step} ({bad[0]}, ...)")
-    final, tmp = out_dir / f"ckpt-{step:06d}", out_dir / f"ckpt-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    sd = opt.state_dict()
-    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()},
-              str(tmp / "optimizer.safetensors"))
-    save_file({k: v.detach().cpu() for k, v in loss_state.items() if torch.is_tensor(v)} or {"_": torch.zeros(0)},
-              str(tmp / "loss_state.safetensors"))
-    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    meta = {"step": step, "param_groups": sd["param_groups"], "scaler": scaler.state_dict(), "counters": counters,
-            "loss_state": {k: v for k, v in loss_state.items() if not torch.is_tensor(v)}, "args": vars(args)}
-    (tmp / "train_state.json").write_text(json.dumps(meta, indent=1, default=str))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    (out_dir / "latest.json.tmp").write_text(json.dumps({"checkpoint": final.name, "step": step}))
-    os.replace(out_dir / "latest.json.tmp", out_dir / "latest.json")
-    for old in out_dir.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(out_dir: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
-    """Restore weights, optimizer, scaler, loss state and RNG from out_dir/latest.json; returns (step, counters)."""
-    pointer = out_dir / "latest.json"
-    if not pointer.exists():
-        raise UserError(f"--resume: no {pointer}; start without --resume, or point --out-dir at a run with "
-                        "checkpoints")
-    ckpt = out_dir / json.loads(pointer.read_text())["checkpoint"]
-    meta = json.loads((ckpt / "train_state.json").read_text())
-    model.load_state_dict(Qwen2.from_pretrained(ckpt).state_dict())
-    flat, state = load_file(str(ckpt / "optimizer.safetensors")), {}
-    for name, v in flat.items():
-        i, k = name.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scaler.load_state_dict(meta["scaler"])
-    loss_state.clear()
-    loss_state.update({k: v for k, v in load_file(str(ckpt / "loss_state.safetensors")).items() if k != "_"})
-    loss_state.update(meta["loss_state"])
-    rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return meta["step"], meta["counters"]
-
-
-def log(row: dict, history: list, out_dir: Path) -> dict:
-    """Keep the row for the summary and, on rank 0, append it to metrics.jsonl as one JSON object per line."""
-    history.append(row)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    return row
-
-
-def start_run(args, rank: int) -> Path:
-    """The run folder, with args.json (rank 0); a fresh run replaces an earlier run's metrics.jsonl."""
-    out_dir = Path(args.out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume and (out_dir / "metrics.jsonl").exists():  # never mix two runs' rows in one file
-            print(f"{out_dir} holds an earlier run: its metrics.jsonl is replaced (--resume continues it instead)")
-            (out_dir / "metrics.jsonl").unlink()
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
-        print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
-    return out_dir
-
-
-def model_folder(args, out_dir: Path, rank: int) -> Path:
-    """The policy's local folder: the Hub download of --model, or for the demo a fresh tiny init (rank 0)."""
+def model_folder(args, rank: int) -> Path:
+    """The policy's local folder: the Hub download of --model, or for the demo a tiny init from scratch, built
+    once per seed in --cache-dir (by rank 0; the others wait)."""
     if not (args.demo and args.model == "demo"):
         return data.resolve_model_dir(args.model, args.revision)
-    if rank == 0:
-        build_demo_model(args, out_dir / "demo_init")
+    folder = Path(args.cache_dir) / f"demo_init-seed{args.seed}"
+    if rank == 0 and not (folder / "model.safetensors").is_file():
+        build_demo_model(args, folder.with_suffix(".tmp"))
+        os.replace(folder.with_suffix(".tmp"), folder)
     if dist.is_initialized():
         dist.barrier()
-    return out_dir / "demo_init"
+    return folder
 
 
 def build_model(args, model_dir: Path, device, world: int):
@@ -457,30 +426,52 @@ def build_model(args, model_dir: Path, device, world: int):
     return model, scorer, opt, scaler
 
 
+def check_plan(args, train_pairs: list, eval_pairs: list, steps_per_epoch: int, world: int) -> None:
+    """What the data allows must be a run that trains: at least one full batch, micro-batches that divide it,
+    and held-out pairs when evaluation is asked for."""
+    if not train_pairs:
+        raise UserError(f"--data {args.data}: no usable training pairs (see the counts above)")
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {args.batch_size}: only {len(train_pairs)} training pairs, fewer than one "
+                        "batch; lower --batch-size or use more data")
+    if args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size:
+        raise UserError(f"--micro-batch-size {args.micro_batch_size} must divide the pairs per rank "
+                        f"({args.batch_size // world})")
+    if args.eval_split and not eval_pairs:
+        raise UserError(f"--eval-data {args.eval_data}: no usable held-out pairs; fix it or pass --eval-split ''")
+
+
 def main(argv=None) -> dict:
     args = get_args(argv)
     rank, world, device = setup_device(args)
-    out_dir = start_run(args, rank)
-    model_dir = model_folder(args, out_dir, rank)
+    out_dir = Path(args.out_dir)
+    if args.resume:  # read-only checks first, on every rank: the run to continue, or the folder to start in
+        checkpoint.check_resume(args, out_dir)
+    else:
+        checkpoint.check_fresh(args, out_dir)
+    model_dir = model_folder(args, rank)  # every input is read and checked before the run folder is touched
     train_pairs = load_pairs(args, model_dir, args.data, args.split, device, rank)[:args.max_pairs or None]
     eval_pairs = load_pairs(args, model_dir, args.eval_data, args.eval_split, device, rank) if args.eval_split else []
     batches = epoch_batches(train_pairs, args, 0)
     steps_per_epoch = len(batches)
+    check_plan(args, train_pairs, eval_pairs, steps_per_epoch, world)
     total = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
+    model, scorer, opt, scaler = build_model(args, model_dir, device, world)
+    pad_id = data.load_tokenizer(model_dir).token_to_id(data.PAD_TOKEN)
+    step, counters, loss_state, last_ckpt = 0, {"updates": 0, "skipped_steps": 0, "bad_streak": 0}, {}, None
+    if args.resume:
+        step, counters, last_ckpt = resume(out_dir, model, opt, scaler, loss_state, rank)
+    elif rank == 0:
+        checkpoint.start(args, out_dir)
     if rank == 0:
+        print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
         print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {steps_per_epoch} steps/epoch "
               f"({len(train_pairs) - steps_per_epoch * args.batch_size} pairs of a partial last batch left out per "
               f"epoch), {total} steps, padding {data.padding_fraction(train_pairs, batches):.1%}")
-    model, scorer, opt, scaler = build_model(args, model_dir, device, world)
-    pad_id = data.load_tokenizer(model_dir).token_to_id(data.PAD_TOKEN)
-    step, counters, loss_state = 0, {"skipped_steps": 0, "nan_streak": 0}, {}
-    if args.resume:
-        step, counters = load_checkpoint(out_dir, model, opt, scaler, loss_state)
-        print(f"rank {rank}: resumed from step {step}")
     if step == 0 and args.loss in losses.NEEDS_REF:
         step0_check(scorer, train_pairs, pad_id, args, device)
 
-    history, last_ckpt, window, t0 = [], None, [], time.time()
+    history, saved_step, window, t0 = [], step, [], time.time()
     micro = args.micro_batch_size or args.batch_size // world
     for step in tqdm(range(step, total), initial=step, total=total, disable=rank > 0, desc=args.loss):
         epoch, i = divmod(step, steps_per_epoch)
@@ -490,8 +481,10 @@ def main(argv=None) -> dict:
             group["lr"] = lr
         if eval_pairs and args.eval_every and step % args.eval_every == 0:
             log({"step": step, **evaluate(scorer, eval_pairs, pad_id, args, step, loss_state, device)}, history, out_dir)
-        if args.save_every and step % args.save_every == 0 and step > 0 and rank == 0:
-            last_ckpt = save_checkpoint(out_dir, step, model, opt, scaler, loss_state, counters, args)
+        if args.save_every and step % args.save_every == 0 and step > saved_step and rank == 0 \
+                and not counters["bad_streak"]:  # the checkpoint a NaN stop names was saved before the bad steps
+            last_ckpt = checkpoint.save(out_dir, step, model, opt, scaler, loss_state, counters, args) or last_ckpt
+            saved_step = step
 
         mine = batches[i][rank::world]
         micro_batches = [data.collate([train_pairs[j] for j in mine[k:k + micro]], pad_id, device)
@@ -500,28 +493,52 @@ def main(argv=None) -> dict:
                                  gather=all_gather if world > 1 else None)
         out = train_step(scorer, opt, scaler, micro_batches, loss, batch_size=args.batch_size, dtype=args.dtype,
                          grad_clip=args.grad_clip)
-        counters["skipped_steps"] += int(out["skipped"])
-        counters["nan_streak"] = counters["nan_streak"] + 1 if not math.isfinite(out["loss"]) else 0
-        if counters["nan_streak"] >= args.nan_patience:
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
-            raise UserError(f"stopping at step {step + 1}: the loss was non-finite for {args.nan_patience} "
-                            f"consecutive steps; {where}. Try --dtype bf16/fp32 or a lower --lr.")
+        # bad: a non-finite loss, or a skipped step without fp16 (the scaler's skips while it calibrates are normal)
+        bad = not math.isfinite(out["loss"]) or (out["skipped"] and not scaler.is_enabled())
+        counters["bad_streak"] = counters["bad_streak"] + 1 if bad else 0
+        counters["updates"] += not out["skipped"]
+        counters["skipped_steps"] += out["skipped"]
+        if counters["bad_streak"] >= args.nan_patience:
+            where = f"the last checkpoint before it is {last_ckpt}" if last_ckpt else "no checkpoint was saved before it"
+            raise UserError(f"stopping at step {step + 1}: {args.nan_patience} consecutive steps had a non-finite loss "
+                            f"or gradients; {where}. Try a lower --lr or --dtype bf16/fp32")
         window.append(out)
         if (step + 1) % args.log_every == 0 or step + 1 == total:
             log({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr,
                  **window_metrics(window, time.time() - t0, world, device), "fp16_scale": scaler.get_scale(),
                  "skipped_steps": counters["skipped_steps"]}, history, out_dir)
             window, t0 = [], time.time()
-    step = total
+    if not counters["updates"]:
+        raise UserError(f"no optimizer step was applied: all {total} steps were skipped (non-finite gradients); "
+                        "nothing is saved. Try a lower --lr or --dtype bf16/fp32")
     if eval_pairs:
-        log({"step": step, **evaluate(scorer, eval_pairs, pad_id, args, step, loss_state, device)}, history, out_dir)
+        log({"step": total, **evaluate(scorer, eval_pairs, pad_id, args, total, loss_state, device)}, history, out_dir)
     if rank == 0:
-        save_checkpoint(out_dir, step, model, opt, scaler, loss_state, counters, args)
-        model.save_pretrained(out_dir / "final")
+        if saved_step < total:
+            checkpoint.save(out_dir, total, model, opt, scaler, loss_state, counters, args)
+        checkpoint.export(model, out_dir)
         summarize(history, out_dir, args)
     if world > 1:
         dist.destroy_process_group()
     return {"history": history, "model": model, "out_dir": out_dir}
+
+
+def resume(out_dir: Path, model, opt, scaler, loss_state: dict, rank: int) -> tuple[int, dict, Path]:
+    """Load the run's newest complete checkpoint (checkpoint.find says if it is not the one latest.json names) and
+    drop the metrics rows logged after it: the resumed steps log them again. Returns (step, counters, folder)."""
+    ckpt = checkpoint.find(out_dir)
+    step, counters = checkpoint.load(ckpt, model, opt, scaler, loss_state)
+    if rank == 0:
+        checkpoint.truncate_log(out_dir, step)
+    print(f"rank {rank}: resumed from {ckpt} (step {step})")
+    return step, counters, ckpt
+
+
+def log(row: dict, history: list, out_dir: Path) -> None:
+    """Keep the row for the summary and, on rank 0, append it to metrics.jsonl (strict JSON, checkpoint.log)."""
+    history.append(row)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        checkpoint.log(out_dir, row)
 
 
 def summarize(history: list[dict], out_dir: Path, args) -> None:

@@ -114,6 +114,30 @@ def test_judge_against_local_server(tmp_path, judge_server, monkeypatch):
     assert res3["win_rate"] == pytest.approx(100 * (sum(v) + 2) / 10)
 
 
+def test_a_killed_judge_run_resumes_from_its_cache(tmp_path, judge_server, monkeypatch):
+    """The run dies (KeyboardInterrupt, as a kill) while waiting for the 4th reply: the 3 verdicts paid for are whole
+    lines on disk, and the next run asks only for the other items."""
+    items = [{"instruction": f"q{i}", "output": "GOOD" if i % 2 else "bad", "reference": "meh"} for i in range(6)]
+    url = f"http://127.0.0.1:{judge_server.server_address[1]}/v1/chat/completions"
+    cache, real = tmp_path / "verdicts.jsonl", judge.chat_completion
+
+    def dies_on_the_fourth(*a, **k):
+        if len(judge_server.requests) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(judge, "chat_completion", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        judge.judge_pairs(items, url=url, judge_model="j", cache_path=cache, backoff=0.01)
+    lines = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert [r["instruction"] for r in lines] == ["q0", "q1", "q2"] and cache.read_text().endswith("\n")
+    monkeypatch.setattr(judge, "chat_completion", real)
+    records, counts = judge.judge_pairs(items, url=url, judge_model="j", cache_path=cache, backoff=0.01)
+    asked = [re.search(r"# Instruction\n(.*?)\n", b["messages"][-1]["content"]).group(1)
+             for _, _, b in judge_server.requests]
+    assert asked == ["q0", "q1", "q2", "q3", "q4", "q5"] and counts["cached"] == 3 and counts["judged"] == 3
+    assert [r["verdict"] for r in records] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
 def test_judge_failures_keep_paid_verdicts(tmp_path, judge_server):
     """Retries exhausted -> counted as failed and not cached; a 401 stops the run with the verdicts already on disk."""
     outs, refs, _ = _outputs(tmp_path)

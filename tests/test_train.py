@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import losses
 import train
@@ -113,41 +114,52 @@ def test_resume_is_exact(tmp_path, cache_dir, monkeypatch):
 
 
 def test_checkpoint_is_atomic(tmp_path, cache_dir, monkeypatch):
-    """A crash in the middle of writing a checkpoint leaves the previous one as `latest`, loadable."""
-    demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "2", "--eval-split", "")
-    before = json.loads((tmp_path / "latest.json").read_text())
-    real = train.save_file
+    """A failed write in the middle of a checkpoint (disk full) is one clear error and leaves the previous checkpoint
+    as `latest`, loadable: --resume then finishes the run."""
+    common = ["--loss", "dpo", "--max-steps", "4", "--save-every", "2", "--eval-split", ""]
+    real = checkpoint.save_file
 
     def crash(tensors, path, *a, **k):
-        if path.endswith("optimizer.safetensors"):
-            raise OSError("disk full (simulated)")
+        if path.endswith("optimizer.safetensors") and "ckpt-000004" in path:
+            raise OSError(28, "No space left on device")
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(train, "save_file", crash)
-    with pytest.raises(OSError):
-        demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "4", "--eval-split", "", "--resume")
-    assert json.loads((tmp_path / "latest.json").read_text()) == before
-    monkeypatch.setattr(train, "save_file", real)
-    out = demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "4", "--eval-split", "", "--resume")
-    assert [h["step"] for h in out["history"] if "loss" in h][-1] == 4
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*ckpt-000004\.tmp \(No space left on device\)"):
+        demo(tmp_path, cache_dir, *common)
+    assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "ckpt-000002"
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000002"] and not (tmp_path / "final").exists()
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    out = demo(tmp_path, cache_dir, *common, "--resume")
+    assert [h["step"] for h in out["history"] if "loss" in h][-1] == 4 and (tmp_path / "final").is_dir()
 
 
 def test_nan_loss_stops_without_saving_nans(tmp_path, cache_dir, monkeypatch):
-    real = losses.LOSSES["dpo"]
+    """IPO patched to return NaN from step 2 on: fp16's scaler skips each bad step (counted, scale halved), the
+    run stops after --nan-patience bad steps naming the checkpoint saved before them, metrics.jsonl stays strict
+    JSON (NaN written as null and flagged) and nothing after the blow-up is saved or exported."""
+    real, calls = losses.LOSSES["ipo"], []
 
-    def nan_dpo(*a, **k):
+    def nan_ipo(*a, **k):
+        calls.append(1)
         per_pair, c, r = real(*a, **k)
-        return per_pair * float("nan"), c, r
+        return (per_pair * float("nan") if len(calls) > 2 else per_pair), c, r  # call 1: the parse-time probe
 
-    monkeypatch.setitem(losses.LOSSES, "dpo", nan_dpo)
-    with pytest.raises(UserError, match=r"stopping at step 3: the loss was non-finite for 3 consecutive steps"):
-        demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "10", "--eval-split", "", "--nan-patience", "3",
-             "--dtype", "fp16", "--log-every", "1")
+    monkeypatch.setitem(losses.LOSSES, "ipo", nan_ipo)
+    with pytest.raises(UserError, match=r"stopping at step 4: 3 consecutive steps had a non-finite loss or "
+                                        r"gradients; the last checkpoint before it is .*ckpt-000001"):
+        demo(tmp_path, cache_dir, "--loss", "ipo", "--max-steps", "10", "--eval-split", "", "--nan-patience", "3",
+             "--dtype", "fp16", "--log-every", "1", "--save-every", "1")
     assert not (tmp_path / "final").exists()
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    # the scaler found NaN gradients every time: each step skipped (and counted), the scale halved each time
-    assert [r["skipped_steps"] for r in rows] == [1, 2]
-    assert rows[1]["fp16_scale"] == rows[0]["fp16_scale"] / 2
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001"]  # none saved during the bad streak
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+            for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[0]["loss"] is not None and "loss" not in rows[0].get("nonfinite", [])
+    assert rows[1]["loss"] is None and "loss" in rows[1]["nonfinite"]
+    # every step skipped and counted, the scale halved each time: step 1's inf gradients are the scaler calibrating
+    # its initial 65,536 (finite loss: not a bad step), steps 2-4 are the NaNs
+    assert [r["skipped_steps"] for r in rows] == [1, 2, 3]
+    assert rows[2]["fp16_scale"] == rows[1]["fp16_scale"] / 2 == rows[0]["fp16_scale"] / 4
 
 
 def test_ddp_gloo_equals_one_process(tmp_path, cache_dir):
@@ -164,7 +176,7 @@ def test_ddp_gloo_equals_one_process(tmp_path, cache_dir):
         for key in ("loss", "grad_norm", "rewards/margins"):
             assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-7), (r1["step"], key)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    init = load_file(str(tmp_path / "one" / "demo_init" / "model.safetensors"))
+    init = load_file(str(cache_dir / "demo_init-seed42" / "model.safetensors"))
     moved = max((a[k] - init[k]).abs().max().item() for k in init)
     differ = max((a[k] - b[k]).abs().max().item() for k in a)
     # Adam divides by sqrt(v): summation-order rounding in near-zero gradients grows, but stays far below a step

@@ -1,0 +1,214 @@
+"""The run folder: everything train.py writes, written so that nothing is lost and nothing is silently wrong.
+
+    out_dir/args.json       the run's resolved arguments, written once when a fresh run starts
+    out_dir/metrics.jsonl   one strict-JSON object per logged row (a non-finite value is null and named in "nonfinite")
+    out_dir/ckpt-NNNNNN/    the newest checkpoint: the model (a Hugging Face folder), optimizer.safetensors,
+                            loss_state.safetensors, rng.safetensors and train_state.json (step, counters, scaler...)
+    out_dir/latest.json     which checkpoint is the newest
+    out_dir/final/          the trained model, a Hugging Face folder
+
+Every file goes to a temporary name, is fsynced and renamed into place, so at every instant the previous version is
+whole; a checkpoint folder counts only once its train_state.json, written last, exists. Only safetensors and JSON:
+nothing is pickled. A fresh run never replaces an earlier run unless asked (--overwrite; the demo replaces its own
+demo runs), and --resume continues only a run with the same result-changing arguments.
+"""
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import data
+from model import Qwen2, UserError
+
+# Arguments that do not change what is trained: they may differ when a run is resumed.
+RESUME_FREE = {"resume", "overwrite", "out_dir", "device", "compile", "grad_checkpointing", "logps_chunk_size", "log_every",
+               "eval_every", "save_every", "nan_patience", "cache_dir", "micro_batch_size"}
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the files and renames inside folder durable (a crash after this cannot lose them)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_fresh(args, out_dir: Path) -> None:
+    """A fresh run may use out_dir if it is empty or missing, if --overwrite is given, or if it holds a demo run and
+    this is the demo. Read-only, so every rank can ask before any rank writes."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        if not (args.demo and (_read_json(out_dir / "args.json") or {}).get("demo")):
+            raise UserError(f"--out-dir {out_dir} holds an earlier run; continue it with --resume, replace it with "
+                            "--overwrite, or choose another --out-dir")
+
+
+def start(args, out_dir: Path) -> None:
+    """A fresh run's folder, with args.json; what check_fresh allowed to be replaced is deleted first (by now every
+    input has been checked)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        print(f"{out_dir}: replacing the earlier run in it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data.atomic_write(out_dir / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=1)))
+
+
+def check_resume(args, out_dir: Path) -> None:
+    """--resume continues only the run this folder holds: its args.json must exist and agree with these arguments
+    on everything that changes the result (all but RESUME_FREE); every differing field is listed."""
+    old = _read_json(out_dir / "args.json")
+    if old is None:
+        raise UserError(f"--resume: {out_dir / 'args.json'} is missing or unreadable; {out_dir} holds no run to "
+                        "continue (start without --resume)")
+    new = json.loads(json.dumps(vars(args)))  # the form args.json has (tuples as lists)
+    differ = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+              if k not in RESUME_FREE and old.get(k) != new.get(k)]
+    if differ:
+        raise UserError(f"--resume: these arguments differ from the run in {out_dir}: {'; '.join(differ)}. Resume "
+                        "with the run's values, or start a new run in another --out-dir")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _complete(ckpt: Path) -> int | None:
+    """The step of a complete checkpoint folder (its train_state.json was written last), else None."""
+    state = _read_json(ckpt / "train_state.json")
+    return state.get("step") if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
+def find(out_dir: Path) -> Path:
+    """The checkpoint latest.json names; if that pointer or checkpoint is missing or incomplete, the newest complete
+    checkpoint, saying so; UserError if there is none."""
+    pointer = _read_json(out_dir / "latest.json")
+    named = out_dir / pointer["checkpoint"] if isinstance(pointer, dict) and "checkpoint" in pointer else None
+    if named is not None and _complete(named) is not None:
+        return named
+    found = sorted((step, c) for c in out_dir.glob("ckpt-*") if (step := _complete(c)) is not None)
+    if not found:
+        raise UserError(f"--resume: {out_dir} holds no complete checkpoint (ckpt-*/train_state.json); start "
+                        "without --resume, or point --out-dir at a run with checkpoints")
+    print(f"--resume: {out_dir / 'latest.json'} names {named.name if named else 'no usable checkpoint'}; using the "
+          f"newest complete checkpoint, {found[-1][1].name} (step {found[-1][0]})")
+    return found[-1][1]
+
+
+def finite(model) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def save(out_dir: Path, step: int, model, opt, scaler, loss_state: dict, counters: dict, args) -> Path | None:
+    """ckpt-{step}: written whole to ckpt-{step}.tmp and fsynced, renamed into place (an existing folder of the
+    same step is renamed aside first, not deleted), then latest.json is swapped and older checkpoints removed. A
+    failed write (disk full) is a UserError; the previous checkpoint and pointer stay as they were."""
+    if not finite(model):  # a checkpoint never holds non-finite weights: the previous one stays the newest
+        print(f"step {step}: the weights are not finite; no checkpoint is saved")
+        return None
+    final, tmp, aside = (out_dir / f"ckpt-{step:06d}{s}" for s in ("", ".tmp", ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    sd = opt.state_dict()
+    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    state = {"step": step, "param_groups": sd["param_groups"], "scaler": scaler.state_dict(), "counters": counters,
+             "loss_state": {k: v for k, v in loss_state.items() if not torch.is_tensor(v)}, "args": vars(args)}
+    try:
+        model.save_pretrained(tmp)
+        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()},
+                  str(tmp / "optimizer.safetensors"))
+        tensors = {k: v.detach().cpu() for k, v in loss_state.items() if torch.is_tensor(v)}
+        save_file(tensors or {"_": torch.zeros(0)}, str(tmp / "loss_state.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=1, default=str))  # last: marks it complete
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:  # disk full, quota: safetensors reports its I/O errors as its own
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {tmp} ({_reason(e)}); the previous checkpoint, if any, is "
+                        "intact: free disk space, then --resume") from None
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    data.atomic_write(out_dir / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name,
+                                                                              "step": step})))
+    _fsync_dir(out_dir)
+    for old in out_dir.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(ckpt: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
+    """Restore weights, optimizer, scaler, loss state and RNG from a checkpoint folder; returns (step, counters).
+    An unreadable file in it is a UserError naming the file."""
+    state = _read_json(ckpt / "train_state.json")
+    model.load_state_dict(Qwen2.from_pretrained(ckpt).state_dict())
+    try:
+        flat, opt_state = load_file(str(ckpt / "optimizer.safetensors")), {}
+        tensors = load_file(str(ckpt / "loss_state.safetensors"))
+        rng = load_file(str(ckpt / "rng.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"--resume: {ckpt} is damaged ({e}); delete it to resume from an older checkpoint") from None
+    for name, v in flat.items():
+        i, k = name.split(".", 1)
+        opt_state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    scaler.load_state_dict(state["scaler"])
+    loss_state.clear()
+    loss_state.update({k: v for k, v in tensors.items() if k != "_"} | state["loss_state"])
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"], state["counters"]
+
+
+def export(model, out_dir: Path) -> Path:
+    """out_dir/final: the trained model as a Hugging Face folder, written whole before it replaces an older one."""
+    if not finite(model):
+        raise UserError("the trained weights are not finite: no final model is written (lower --lr, or use "
+                        "--dtype bf16/fp32)")
+    final, tmp = out_dir / "final", out_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write {final} ({_reason(e)}); the last checkpoint is intact: free disk space, "
+                        "then --resume") from None
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e).splitlines()[0]
+
+
+def log(out_dir: Path, row: dict) -> dict:
+    """Append a row to metrics.jsonl as strict JSON: a non-finite number becomes null and its key is listed under
+    "nonfinite" (json's bare NaN is not JSON). Returns the row as written."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    row = {k: None if k in bad else v for k, v in row.items()} | ({"nonfinite": bad} if bad else {})
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+    return row
+
+
+def truncate_log(out_dir: Path, step: int) -> None:
+    """On resume: drop metrics.jsonl rows of steps after the checkpoint (the resumed run logs them again)."""
+    path = out_dir / "metrics.jsonl"
+    if path.is_file():
+        rows = data.read_records(path, strict=False)  # a torn last line of a killed run comes back as an error
+        keep = [row for row in rows if isinstance(row, dict) and row.get("step", 0) <= step]
+        data.atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in keep)))
