@@ -22,7 +22,8 @@ from the left), then completions are cut from the right to fit max_length. Pairs
 and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
 
 Batches (collate) hold each pair's two sequences in one forward pass; pair_logps is the one place that splits
-them back into per-pair tensors named as losses.compute reads them.
+them back into per-pair tensors named as losses.compute reads them. make_batches buckets pairs by length;
+curriculum_batches gives MixDPO's orders (two stages easy -> hard, and the paper's ablations), training every pair.
 
 Reference cache (`python data.py --model M --data D --split S --out DIR`, or ref_cache() from training): DIR/
 ref_logps.safetensors (float32 ref_chosen_logps, ref_rejected_logps = summed completion log-probs; long index =
@@ -392,29 +393,65 @@ def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: 
     """Lists of indices into pairs, deterministic given seed (`padding_fraction` reports what they cost).
     order="length": shuffle, then sort by length within mega-chunks of chunk_batches batches, cut into batches
       and shuffle the batches (shuffle=False: one global sort, shortest first) so padding stays small.
-    order="margin": MixDPO's curriculum (Pang et al. 2026, arXiv:2602.00954): easy -> hard, i.e. by
-      score_chosen - score_rejected descending; ties in shuffled order; batches are not reordered."""
+    order="margin": MixDPO's easy -> hard order over all pairs (`curriculum_batches`' "per-epoch")."""
+    if order == "margin":
+        return curriculum_batches(pairs, batch_size, 0, epochs=1, order="per-epoch", seed=seed, shuffle=shuffle)
+    if order != "length":
+        raise ValueError(f"order={order!r}: expected 'length' or 'margin'")
     rng = random.Random(seed)
     idx = list(range(len(pairs)))
     if shuffle:
         rng.shuffle(idx)
-    if order == "margin":
-        missing = sum(p.score_chosen is None or p.score_rejected is None for p in pairs)
-        if missing:
-            raise UserError(f"MixDPO's easy-to-hard order needs score_chosen and score_rejected; {missing} of "
-                            f"{len(pairs)} pairs lack them")
-        idx.sort(key=lambda i: pairs[i].score_chosen - pairs[i].score_rejected, reverse=True)  # stable
-        batches = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
-    elif order == "length":
-        chunk = batch_size * chunk_batches if shuffle else max(len(idx), 1)
-        batches = []
-        for k in range(0, len(idx), chunk):
-            part = sorted(idx[k:k + chunk], key=lambda i: pair_length(pairs[i]))
-            batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
-        if shuffle:
-            rng.shuffle(batches)
-    else:
-        raise ValueError(f"order={order!r}: expected 'length' or 'margin'")
+    chunk = batch_size * chunk_batches if shuffle else max(len(idx), 1)
+    batches = []
+    for k in range(0, len(idx), chunk):
+        part = sorted(idx[k:k + chunk], key=lambda i: pair_length(pairs[i]))
+        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def difficulty_margins(pairs: list[Pair], difficulty: str = "score") -> list[float]:
+    """MixDPO's difficulty margin of each pair, as `losses.difficult` computes it from a collated batch (in float32,
+    so that the order and the loss agree on a margin at τ): score_chosen - score_rejected ("score"), or the
+    reference's log-likelihood margin ref_chosen_logps - ref_rejected_logps ("ref_margin")."""
+    fields = ("score_chosen", "score_rejected") if difficulty == "score" else ("ref_chosen_logps", "ref_rejected_logps")
+    missing = sum(getattr(p, fields[0]) is None or getattr(p, fields[1]) is None for p in pairs)
+    if missing:
+        need = "score_chosen and score_rejected" if difficulty == "score" else "reference log-probs"
+        raise UserError(f"MixDPO's easy-to-hard order needs {need}; {missing} of {len(pairs)} pairs lack them")
+    chosen, rejected = (torch.tensor([getattr(p, f) for p in pairs], dtype=torch.float32) for f in fields)
+    return (chosen - rejected).tolist()
+
+
+def curriculum_batches(pairs: list[Pair], batch_size: int, epoch: int, *, epochs: int, order: str = "two-stage",
+                       difficulty_threshold: float = 0.5, difficulty: str = "score", discard_difficult: bool = False,
+                       seed: int = 0, shuffle: bool = True, min_last: int = 1) -> list[list[int]]:
+    """MixDPO's batches for epoch `epoch` of a run (Pang et al. 2026, arXiv 2602.00954). A pair is difficult when its
+    `difficulty_margins` value is < difficulty_threshold. "two-stage" (the paper): epochs 0..epochs-1 hold the easy
+    pairs, easy -> hard (margin descending), epochs..2*epochs-1 the difficult ones in the same order; "reversed":
+    the difficult pairs first, then the easy ones, each hard -> easy; "per-epoch": every epoch all pairs easy -> hard;
+    "random": every epoch all pairs shuffled (no margins needed unless discarding), as transformers' Trainer samples.
+    Ties (and "random") in an order shuffled by seed (none if not shuffle); discard_difficult drops the difficult
+    pairs. Every pair trains: the last batch may be partial, and one smaller than min_last (2 for batch statistics,
+    or the DDP world size) joins the batch before it."""
+    margins = difficulty_margins(pairs, difficulty) if order != "random" or discard_difficult else None
+    hard = [m < difficulty_threshold for m in margins] if margins is not None else [False] * len(pairs)
+    idx = [i for i in range(len(pairs)) if not (discard_difficult and hard[i])]
+    if shuffle:
+        random.Random(seed).shuffle(idx)
+    if order in ("two-stage", "reversed"):
+        stage_two = epoch >= epochs
+        idx = [i for i in idx if hard[i] == (stage_two == (order == "two-stage"))]
+    elif order not in ("per-epoch", "random"):
+        raise ValueError(f"order={order!r}: expected 'two-stage', 'reversed', 'per-epoch' or 'random'")
+    if order != "random":
+        idx.sort(key=margins.__getitem__, reverse=order != "reversed")  # stable: ties keep the shuffled order
+    batches = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < min_last:
+        last = batches.pop()  # (`batches[-2] += batches.pop()` would read [-2] before the pop, write it after)
+        batches[-1] += last
     return batches
 
 

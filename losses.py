@@ -14,7 +14,8 @@ lens are completion token counts >= 1. Conventions:
       the caller owns, passes every step and checkpoints (STATEFUL); `gather`, a callable concatenating a detached
       tensor over DDP ranks (GATHERS); `metrics`, None or a dict every loss fills with its extra detached 0-d
       tensors named "<key>/<what>".
-`compute(key, batch, hparams)` runs a key on a batch dict and adds TRL-named per-pair metrics.
+`compute(key, batch, hparams)` runs a key on a batch dict and adds TRL-named per-pair metrics; `route=` wraps any key
+in MixDPO's routing (difficult pairs get SFT).
 The catalogue with sources and deviations: LOSSES.md.
 """
 import inspect
@@ -76,30 +77,36 @@ def apo_hinge_softplus(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_
 
 def margin_sigmoid(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
                    chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.1, delta: float = 0.1,
-                   label_smoothing: float = 0.1, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   label_smoothing: float = 0.1, softplus_hinge: bool = False,
+                   metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Margin-sigmoid: cDPO's two terms, each clipped at δ (Yao et al. 2025, arXiv 2508.08466, §3.1).
 
-    loss = (1−ε)·max(0, ℓ⁺ − δ) + ε·max(0, ℓ⁻ − δ), ℓ± = −log σ(±βz), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref.
-    δ and ε are not reported; 0.1/0.1 are our choice. At z = 0 both ℓ± = ln 2, so δ ≥ ln 2 means no gradient at
-    step 0: rejected with ValueError (so is δ < 0). Curriculum (§5.4.4): the caller may ramp `delta` from 0 per
-    step. δ = 0, ε = 0 is DPO.
+    loss = (1−ε)·h(ℓ⁺ − δ) + ε·h(ℓ⁻ − δ), ℓ± = −log σ(±βz), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref, with
+    h(u) = max(0, u), or h(u) = softplus(u) = log(1 + eᵘ) with `softplus_hinge` (the report's smoothing against
+    gradient starvation, §6.4.1: every pair keeps a gradient σ(ℓ − δ) > 0; the report gives no formula, this one is
+    ours). δ and ε are not reported; 0.1/0.1 are our choice. At z = 0 both ℓ± = ln 2, so with the hard hinge δ ≥ ln 2
+    means no gradient at step 0: rejected with ValueError (so is δ < 0). Curriculum (§5.4.4): the caller may ramp
+    `delta` from 0 per step. δ = 0, ε = 0 (hard hinge) is DPO.
     Args:
         chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
         ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). delta: δ, the clip level, in [0, ln 2) (0.1). label_smoothing: ε, cDPO's (0.1).
+        beta: β (0.1). delta: δ, the clip level, ≥ 0 and < ln 2 for the hard hinge (0.1). label_smoothing: ε, cDPO's
+        (0.1). softplus_hinge: softplus instead of max(0, ·) (False).
         metrics: None or a dict; receives "margin_sigmoid/active_fraction", the fraction with ℓ⁺ > δ.
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
     """
-    if not 0.0 <= delta < math.log(2):
+    if not (0.0 <= delta and (softplus_hinge or delta < math.log(2))):
         raise ValueError(f"margin_sigmoid: delta={delta} must be in [0, ln 2 = {math.log(2):.4f}): at step 0 "
-                         "(policy = reference) both terms equal ln 2, so a larger delta gives no gradient")
+                         "(policy = reference) both terms equal ln 2, so a larger delta gives no gradient "
+                         "(--softplus-hinge keeps one)")
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
     u = beta * (dw - dl)
     l_pos, l_neg = F.softplus(-u), F.softplus(u)
     if metrics is not None:
         metrics["margin_sigmoid/active_fraction"] = (l_pos > delta).float().mean().detach()
-    losses = (1 - label_smoothing) * torch.relu(l_pos - delta) + label_smoothing * torch.relu(l_neg - delta)
+    h = F.softplus if softplus_hinge else torch.relu
+    losses = (1 - label_smoothing) * h(l_pos - delta) + label_smoothing * h(l_neg - delta)
     return losses, (beta * dw).detach(), (beta * dl).detach()
 
 
@@ -107,11 +114,13 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
          ref_rejected_logps: Tensor | None, chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 2.0,
          gamma_beta_ratio: float = 0.5, margin_weight: float = 0.2, margin_power: int = 5, decay: float = 0.9,
          margin_fn: str = "pow", margin_alpha: float = 5.0, margin_temperature: float = 0.1, zscore: bool = True,
-         avg_length_norm: bool = True, state: dict, gather: Callable[[Tensor], Tensor] | None = None,
+         avg_length_norm: bool = True, lmpo_margin_grad: bool = False, state: dict,
+         gather: Callable[[Tensor], Tensor] | None = None,
          metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """LMPO, Length-controlled Margin-based PO without a reference (Li, Xia, Chang, Wu 2025, Eq. 6-11).
 
-    loss = softplus(β·γ_r − g), g = β(A_w − A_l) − λ·sg[(m − a)/max(b, 1e-6)], A = S/|y|, sg = detach;
+    loss = softplus(β·γ_r − g), g = β(A_w − A_l) − λ·sg[(m − a)/max(b, 1e-6)], A = S/|y|, sg = detach as in the
+    release; `lmpo_margin_grad=True` drops the sg on m, as the paper's appendix differentiates (a, b stay constants);
     softplus(log h − g) is Eq. 11 with home advantage h = exp(β·γ_r), written stably. p(y) = exp(A(y)·L̄/|y|),
     L̄ = (|y_w|+|y_l|)/2 (Eq. 8; `avg_length_norm=False`: p = exp(A)). Margin m = (1 − p_w)·f(p_w − p_l) (Eq. 7),
     f by `margin_fn` (Table 2): "pow" 1 − d^k (k = 5 is the paper's, k = 3 the "cube" ablation); "log"
@@ -126,7 +135,7 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
         beta: β (2.0). gamma_beta_ratio: γ_r = γ/β, the target margin over β (0.5). margin_weight: λ (0.2).
         margin_power: k of "pow" (5). decay: d (0.9). margin_fn: "pow", "log" or "sigmoid" ("pow").
         margin_alpha: α of "log" (5.0). margin_temperature: of "sigmoid" (0.1). zscore: (m − a)/b, else m (True).
-        avg_length_norm: p from L̄ (True).
+        avg_length_norm: p from L̄ (True). lmpo_margin_grad: the gradient flows through m (False: the release).
         state: the caller's dict, {} at the first step and the same dict afterwards (a copy when evaluating:
             each call is one update); holds 0-d detached tensors "a", "b" (floats are accepted back).
         gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks.
@@ -141,91 +150,104 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     lc, lr = chosen_lens.to(dt), rejected_lens.to(dt)
     aw, al = chosen_logps.to(dt) / lc, rejected_logps.to(dt) / lr
+    mid = (lc + lr) / 2
+    pw = torch.exp(aw * mid / lc if avg_length_norm else aw)
+    pl = torch.exp(al * mid / lr if avg_length_norm else al)
+    m = (1 - pw) * shapes[margin_fn](pw - pl)
     with torch.no_grad():
-        mid = (lc + lr) / 2
-        pw = torch.exp(aw * mid / lc if avg_length_norm else aw)
-        pl = torch.exp(al * mid / lr if avg_length_norm else al)
-        m = (1 - pw) * shapes[margin_fn](pw - pl)
-        mg = m if gather is None else gather(m)
+        mg = m.detach() if gather is None else gather(m.detach())
         mean, std = mg.mean(), mg.std() if mg.numel() > 1 else mg.new_zeros(())
         first = "a" not in state
         state["a"] = mean if first else decay * state["a"] + (1 - decay) * mean
         state["b"] = std if first else decay * state["b"] + (1 - decay) * std
-        term = (m - state["a"]) / torch.as_tensor(state["b"]).clamp_min(1e-6) if zscore else m
+    term = (m - state["a"]) / torch.as_tensor(state["b"]).clamp_min(1e-6) if zscore else m
+    term = term if lmpo_margin_grad else term.detach()
     if metrics is not None:
-        metrics.update({"lmpo/a": state["a"], "lmpo/b": state["b"], "lmpo/margin": m.mean()})
+        metrics.update({"lmpo/a": state["a"], "lmpo/b": state["b"], "lmpo/margin": m.mean().detach()})
     losses = F.softplus(beta * gamma_beta_ratio - (beta * (aw - al) - margin_weight * term))
     return losses, (beta * aw).detach(), (beta * al).detach()
 
 
 def amapo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None,
           ref_rejected_logps: Tensor | None, chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 2.0,
-          zscore: bool = True, exp_scaling: bool = True, adaptive: bool = True, zero_margin: bool = True,
-          gather: Callable[[Tensor], Tensor] | None = None,
+          amapo_form: str = "release", zscore: bool = True, exp_scaling: bool = True, adaptive: bool = True,
+          zero_margin: bool = True, gather: Callable[[Tensor], Tensor] | None = None,
           metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """AMaPO, Adaptive Margin-attached PO (Deng, Feng, Lei 2025, arXiv 2511.09385), as its released code.
+    """AMaPO, Adaptive Margin-attached PO (Deng, Feng, Lei 2025, arXiv 2511.09385): its released code or its paper.
 
-    loss = −log σ(βΔ̄ − sg[M]), σ = sigmoid, sg = detach, Δ̄ = A_w − A_l, A = S/|y| (no reference). Over the batch
-    (all ranks via `gather`): μ = mean Δ̄, σ_B = std Δ̄ (unbiased), z_i = (μ − Δ̄_i)/σ_B, M_i = β·exp(z_i·μ) if
-    Δ̄_i < μ else 0. The paper's summary instead writes γ = max(z·μ_r, 0), μ_r = β·μ, gated on γ > 0; the two
-    differ when μ < 0. We implement the code, which produced the paper's numbers. Guards: B < 2 or σ_B < 1e-6 ⇒
-    M = 0; the exponent is clamped at 50 (finite in fp32).
+    loss = −log σ(βΔ̄ − sg[M]), σ = sigmoid, sg = detach, Δ̄ = A_w − A_l, A = S/|y| (no reference). The margin M is
+    computed on a statistic r over the batch (all ranks via `gather`): μ = mean r, s = std r (unbiased),
+    z_i = (μ − r_i)/s, exponent γ_i = z_i·μ. `amapo_form="release"` (the code that produced the reported numbers):
+    r = Δ̄, M_i = β·e^{γ_i} if Δ̄_i < μ else 0. `"paper"` (its method section): r = βΔ̄ (so the exponent is β·z·μ),
+    M_i = β·e^{γ_i} if γ_i > 0 else 0. They differ whenever β ≠ 1, and their gates differ when μ < 0.
+    Ablations (the paper's table; all True by default): zscore=False ⇒ z_i = μ − r_i; exp_scaling=False ⇒
+    M_i = β·max(γ_i, 0); adaptive=False ⇒ both of these ("w/o adaptive"); zero_margin=False ⇒ no gate (correctly
+    ranked pairs keep a positive margin). Guards: B < 2 or s < 1e-6 ⇒ M = 0; the exponent is capped at 50.
     Args:
         chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
         ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        beta: β (2.0). Ablation switches, all True by default: zscore: False ⇒ z_i = μ − Δ̄_i. exp_scaling: False ⇒
-            M = β·z_i·μ clipped ≥ 0. adaptive: False ⇒ M = 0 (SimPO with γ = 0). zero_margin: False ⇒ no gate
-            (correctly ranked pairs keep a positive margin).
+        beta: β (2.0). amapo_form: "release" or "paper" ("release"). zscore, exp_scaling, adaptive, zero_margin: the
+            ablation switches above (True).
         gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks.
         metrics: None or a dict; receives "amapo/margin" (mean M) and "amapo/margin_pos_fraction" (M > 0).
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·A_w, β·A_l, detached.
     """
+    if amapo_form not in ("release", "paper"):
+        raise ValueError(f"amapo: amapo_form={amapo_form!r} must be 'release' or 'paper'")
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     aw, al = chosen_logps.to(dt) / chosen_lens.to(dt), rejected_logps.to(dt) / rejected_lens.to(dt)
     gap = aw - al
     with torch.no_grad():
-        g = gap if gather is None else gather(gap.detach())
+        r = gap.detach() if amapo_form == "release" else beta * gap.detach()
+        g = r if gather is None else gather(r)
         mu, sd = g.mean(), g.std() if g.numel() > 1 else g.new_zeros(())
-        z = (mu - gap) / sd.clamp_min(1e-6) if zscore else mu - gap
-        big = beta * torch.exp((z * mu).clamp(max=50.0)) if exp_scaling else (beta * z * mu).clamp_min(0.0)
-        big = torch.where(gap < mu, big, 0.0) if zero_margin else big
-        big = torch.where((sd >= 1e-6) & adaptive, big, 0.0)
+        z = (mu - r) / sd.clamp_min(1e-6) if zscore and adaptive else mu - r
+        gam = z * mu
+        big = beta * torch.exp(gam.clamp(max=50.0)) if exp_scaling and adaptive else beta * gam.clamp_min(0.0)
+        gate = r < mu if amapo_form == "release" else gam > 0
+        big = torch.where(gate | (not zero_margin), big, 0.0)
+        big = torch.where(sd >= 1e-6, big, 0.0)
     if metrics is not None:
         metrics.update({"amapo/margin": big.mean(), "amapo/margin_pos_fraction": (big > 0).float().mean()})
     return F.softplus(big - beta * gap), (beta * aw).detach(), (beta * al).detach()
 
 
 def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-           chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.1, difficulty_threshold: float = 0.5,
-           chosen_scores: Tensor, rejected_scores: Tensor,
+           chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.01, difficulty_threshold: float = 0.5,
+           difficulty: str = "score", sft_ref: bool = False, chosen_scores: Tensor, rejected_scores: Tensor,
            metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """MixDPO: DPO on easy pairs, SFT on hard ones (MixDPO 2026, arXiv 2602.00954).
+    """MixDPO: DPO on easy pairs, SFT on difficult ones (Pang et al. 2026, arXiv 2602.00954).
 
-    Pairs with s_w − s_l ≥ τ get the DPO loss −log σ(βz) (σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref); the others
-    get the SFT loss −S(y_w)/|y_w| with `sft`'s token-mean convention inside that group: −S(y_w)·n_hard/Σ_hard|y_w|,
-    so the batch mean is (Σ_easy DPO + n_hard·token-mean NLL of the hard pairs)/B. All easy ⇒ `dpo`, all hard ⇒
-    `sft`. The easy→hard order is the data pipeline's job; this only routes. NaN scores raise ValueError.
+    A pair is difficult when its margin is < τ (a margin exactly τ is easy): margin s_w − s_l of the annotation
+    scores (`difficulty="score"`, the paper's) or the reference's log-likelihood margin S_ref(y_w) − S_ref(y_l)
+    (`"ref_margin"`, its ablation). Easy pairs get DPO, −log σ(βz) (σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref);
+    difficult ones SFT on y_w with `sft`'s token mean inside their group, −S(y_w)·n_hard/Σ_hard|y_w| (so the batch
+    mean is (Σ_easy DPO + n_hard·token-mean NLL)/B), or with `sft_ref` the reference-anchored −log σ(βΔ_w) (the
+    "with reference" SFT row; the formula is our reading). All easy ⇒ `dpo`, all difficult ⇒ `sft`. The easy→hard
+    order is the data pipeline's job; this only routes. NaN scores raise ValueError.
     Args:
         chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
         ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
-        beta: β (0.1). difficulty_threshold: τ, the score gap from which a pair is easy (0.5).
+        beta: β (0.01, the authors' and the Alignment Handbook's). difficulty_threshold: τ (0.5). difficulty: "score"
+        or "ref_margin" ("score"). sft_ref: anchored SFT on difficult pairs (False).
         chosen_scores, rejected_scores: [B] annotation scores s_w, s_l (e.g. UltraFeedback ratings).
-        metrics: None or a dict; receives "mixdpo/easy_fraction".
+        metrics: unused (compute reports the "sft_fraction" of every routed batch).
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l for all pairs, detached.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
-    diff = chosen_scores.to(dt) - rejected_scores.to(dt)
-    if torch.isnan(diff).any():
-        bad = torch.nonzero(torch.isnan(diff)).flatten().tolist()
+    dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
+    if difficulty not in ("score", "ref_margin"):
+        raise ValueError(f"mixdpo: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
+    margin = (chosen_scores.to(dt) - rejected_scores.to(dt) if difficulty == "score"
+              else ref_chosen_logps.to(dt) - ref_rejected_logps.to(dt))
+    if torch.isnan(margin).any():
+        bad = torch.nonzero(torch.isnan(margin)).flatten().tolist()
         raise ValueError(f"mixdpo: chosen_scores/rejected_scores are NaN for batch pair(s) {bad[:10]}; "
                          "MixDPO routes by annotation scores, so the data must have them")
-    easy = diff >= difficulty_threshold
-    dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
-    hard = ~easy
-    sft = -chosen_logps.to(dt) * hard.sum() / (chosen_lens.to(dt) * hard).sum().clamp_min(1.0)
-    if metrics is not None:
-        metrics["mixdpo/easy_fraction"] = easy.float().mean()
-    losses = torch.where(easy, -F.logsigmoid(beta * (dw - dl)), sft)
+    hard = margin < difficulty_threshold
+    nll = -chosen_logps.to(dt) * hard.sum() / (chosen_lens.to(dt) * hard).sum().clamp_min(1.0)
+    sft = -F.logsigmoid(beta * dw) if sft_ref else nll
+    losses = torch.where(hard, sft, -F.logsigmoid(beta * (dw - dl)))
     return losses, (beta * dw).detach(), (beta * dl).detach()
 
 
@@ -805,6 +827,8 @@ STATEFUL = {"lmpo", "alpha_dpo"}                # keys that take state= (a dict 
 GATHERS = {"lmpo", "alpha_dpo", "amapo", "kto"}  # keys that take gather= (batch statistics over all ranks)
 # Keyword-only names that are not hyperparameters: the loop sets these itself, everything else maps to a CLI flag.
 RUNTIME_KWARGS = ("chosen_scores", "rejected_scores", "state", "gather", "metrics")
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "loss")  # what `compute` reports for every key, named as TRL logs them
 
 
 def get_loss(key: str):
@@ -820,8 +844,22 @@ def defaults(key: str) -> dict[str, object]:
             if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and n not in RUNTIME_KWARGS}
 
 
+def difficult(batch: dict[str, Tensor], *, difficulty_threshold: float, difficulty: str) -> Tensor:
+    """MixDPO's routing rule (the same as `mixdpo`'s): [B] bool, True for a pair whose margin is < τ (a margin of
+    exactly τ is easy); margin = "chosen_scores" − "rejected_scores" (difficulty "score") or "ref_chosen_logps" −
+    "ref_rejected_logps" ("ref_margin"). NaN scores raise ValueError."""
+    if difficulty not in ("score", "ref_margin"):
+        raise ValueError(f"MixDPO routing: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
+    margin = (batch["chosen_scores"] - batch["rejected_scores"] if difficulty == "score"
+              else batch["ref_chosen_logps"] - batch["ref_rejected_logps"])
+    if torch.isnan(margin).any():
+        raise ValueError("MixDPO routing: chosen_scores/rejected_scores are NaN for some pairs; the data needs them")
+    return margin < difficulty_threshold
+
+
 def compute(key: str, batch: dict[str, Tensor], hparams: dict | None = None, *, state: dict | None = None,
-            gather: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+            gather: Callable[[Tensor], Tensor] | None = None,
+            route: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Run LOSSES[key] on a batch dict: (the per-pair losses [B], attached to the graph; a dict of metrics).
 
     batch: [B] tensors "chosen_logps", "rejected_logps" (summed completion log-probs), "chosen_lens",
@@ -829,10 +867,37 @@ def compute(key: str, batch: dict[str, Tensor], hparams: dict | None = None, *, 
         "chosen_scores", "rejected_scores" only for keys in NEEDS_SCORES. hparams: keyword overrides of
         `defaults(key)` (None = none; another name raises ValueError). state: required by the keys in STATEFUL;
         gather: passed to the keys in GATHERS; both are ignored by the other keys.
+    route: None, or MixDPO's routing around any other key, {"difficulty_threshold": τ, "difficulty": "score" or
+        "ref_margin"}: the pairs `difficult` flags get `sft`, the others LOSSES[key] (its batch statistics and state
+        see only them). A routed batch reports the TRL metrics (an SFT pair's rewards are `sft`'s A_w, A_l) but not
+        the key's own extras, which would be missing whenever a batch holds no easy pair.
     Metrics: detached [B] tensors (float32; float64 for float64 inputs) "rewards/chosen", "rewards/rejected",
     "rewards/accuracies" ([r_c > r_r], a tie counts ½: at step 0 policy = reference), "rewards/margins" (r_c − r_r),
-    "logps/chosen", "logps/rejected", "loss", then the loss's own metrics expanded to [B] (means = batch values).
+    "logps/chosen", "logps/rejected", "loss", then the loss's own metrics expanded to [B] (means = batch values);
+    for "mixdpo" and routed batches also "sft_fraction" (1 for a pair trained with SFT).
     """
+    if route is None:
+        losses, metrics = _compute(key, batch, hparams, state, gather)
+        if key == "mixdpo":
+            hp = {**defaults(key), **(hparams or {})}
+            metrics["sft_fraction"] = difficult(batch, difficulty_threshold=hp["difficulty_threshold"],
+                                                difficulty=hp["difficulty"]).to(losses.dtype)
+        return losses, metrics
+    if key == "mixdpo":
+        raise ValueError("mixdpo routes its pairs itself; route= is MixDPO's routing around the other keys")
+    hard = difficult(batch, **route)
+    parts = [(mask, *_compute(k, {n: v[mask] for n, v in batch.items()}, hp, state, gather))
+             for mask, k, hp in ((~hard, key, hparams), (hard, "sft", None)) if mask.any()]
+    order = torch.argsort(torch.cat([mask.nonzero().flatten() for mask, _, _ in parts]))
+    losses = torch.cat([part for _, part, _ in parts])[order]
+    metrics = {name: torch.cat([m[name] for _, _, m in parts])[order] for name in TRL_METRICS}
+    metrics["sft_fraction"] = hard.to(losses.dtype)
+    return losses, metrics
+
+
+def _compute(key: str, batch: dict[str, Tensor], hparams: dict | None, state: dict | None,
+             gather: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """`compute` without routing: LOSSES[key] on the whole batch, and its metrics."""
     fn, hp, valid = get_loss(key), dict(hparams or {}), defaults(key)
     if set(hp) - set(valid):
         raise ValueError(f"{key}: unknown hyperparameter(s) {', '.join(sorted(set(hp) - set(valid)))}; "

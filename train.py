@@ -1,6 +1,7 @@
 """Preference fine-tuning of Qwen2.5-0.5B-Instruct with any loss of losses.LOSSES: the bare fp16 AMP loop.
 
     python train.py --loss lmpo                      # Yao et al. 2025 setting: UltraFeedback, 3 epochs, batch 8
+    python train.py --recipe lmpo-mistral-7b-base    # one paper's setting, every value (--list-recipes)
     python train.py --demo --loss dpo                # offline: tiny model from scratch on demo/ (CPU, < 1 min)
     torchrun --nproc_per_node 8 train.py --loss dpo  # DDP; --batch-size stays the global batch
 
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import json
 import math
 import os
 import re
@@ -28,12 +30,13 @@ from tqdm import tqdm
 import checkpoint
 import data
 import losses
+import recipes
 from model import Qwen2, Qwen2Config, UserError
 
 HERE = Path(__file__).resolve().parent
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
             max_length=128, max_prompt_length=96, epochs=3, lr=1e-3, warmup_ratio=0.05, eval_every=50,
-            log_every=10, out_dir="runs/demo-{loss}", cache_dir="runs/demo-cache",
+            log_every=10, out_dir="runs/demo-{loss}", cache_dir="runs/demo-cache", schedule="cosine",
             dtype="fp32")  # CPU fp16 matmuls are emulated (~40x slower: BENCHMARKS.md); --dtype fp16 still works
 # What each loss hyperparameter means: one name, one meaning across the catalogue (a test checks the names).
 HPARAMS = {
@@ -53,7 +56,7 @@ HPARAMS = {
     "offset_scale": "ODPO's α on the offset log(s_w - s_l)",
     "alpha": "α-DPO's α on the z-scored reference gap",
     "focal_gamma": "FocalPO's focusing exponent γ",
-    "difficulty_threshold": "MixDPO's τ: pairs with score margin s_w - s_l < τ are difficult (trained with SFT)",
+    "difficulty_threshold": "MixDPO's τ: pairs whose margin (--difficulty) is < τ are difficult (trained with SFT)",
     "tau": "DiscoPOP's temperature τ of the logistic/exponential mixing weight",
     "decay": "decay of the running batch statistics (exponential moving average)",
     "gamma_beta_ratio": "target reward margin γ divided by β (SimPO's γ/β)",
@@ -63,17 +66,44 @@ HPARAMS = {
     "zscore": "z-score the adaptive margin statistic (off = the paper's ablation)",
     "avg_length_norm": "LMPO's length normalisation of p(y) by the pair's average length",
     "exp_scaling": "AMaPO's exponential scaling of the margin (off = linear, the ablation)",
-    "adaptive": "AMaPO's adaptive margin (off = no margin: SimPO with γ = 0)",
+    "adaptive": "AMaPO's adaptive margin (off = the paper's 'w/o adaptive': neither z-score nor exponential scaling)",
     "zero_margin": "AMaPO's zero margin for correctly ranked pairs (off = every pair keeps a margin)",
+    "amapo_form": "AMaPO's margin: release (its code: statistics of Δ̄, gate Δ̄ < μ) or paper (statistics of βΔ̄, "
+                  "gate γ > 0)",
+    "lmpo_margin_grad": "LMPO: the gradient flows through the margin term, as the paper's appendix (off = the "
+                        "release's stop-gradient)",
+    "softplus_hinge": "margin-sigmoid: softplus(ℓ - δ) instead of max(0, ℓ - δ), Yao et al. 2025's smoothing",
+    "difficulty": "MixDPO's difficulty margin: score (s_w - s_l) or ref_margin (S_ref(y_w) - S_ref(y_l))",
+    "sft_ref": "MixDPO: difficult pairs get the anchored -log σ(βΔ_w) instead of the token-mean NLL of y_w",
 }
+ROUTING = ("difficulty_threshold", "difficulty")  # mixdpo's hyperparameters that --route-difficult takes for any loss
+ORDERS = ("length", "random", "two-stage", "per-epoch", "reversed")
 # A 2-pair batch on which every loss runs: its only use is to let a loss reject bad hyperparameters at parse time.
 PROBE = dict(chosen_logps=[-1.0, -2.0], rejected_logps=[-2.0, -3.0], ref_chosen_logps=[-1.5, -2.0],
              ref_rejected_logps=[-1.5, -2.5], chosen_lens=[1, 2], rejected_lens=[2, 1], chosen_scores=[5.0, 4.0],
              rejected_scores=[1.0, 4.0])
 
 
+class ListRecipes(argparse.Action):
+    """--list-recipes: print every recipe with its source and exit, as --help does."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("\n\n".join(recipes.describe(name) for name in recipes.RECIPES))
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = data.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    g = p.add_argument_group("recipes (recipes.py: the papers' settings)")
+    g.add_argument("--recipe", choices=sorted(recipes.RECIPES), metavar="NAME", default=None, help="set every value "
+                   "of one paper's setting; explicit flags override it. One of: " + ", ".join(sorted(recipes.RECIPES)))
+    g.add_argument("--list-recipes", action=ListRecipes, help="print every recipe, its source and values, then exit "
+                   "(default: off)")
+    g.add_argument("--print-config", action="store_true", help="print the resolved arguments as JSON and exit, "
+                   "touching no file")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=data.DEFAULT_MODEL, help="Hub id or local folder of the policy (also the "
                    "reference: the frozen starting point)")
@@ -103,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "loss: " + "; ".join(f"{d} ({', '.join(ks)})" for d, ks in by_default.items()))
     g.add_argument("--curriculum-steps", type=int, default=0, help="margin_sigmoid only: ramp δ linearly from 0 "
                    "to --delta over N steps (Yao et al. 2025 §5.4.4); 0 = off")
+    g = p.add_argument_group("MixDPO's curriculum and routing (Pang et al. 2026; --loss mixdpo has both built in)")
+    g.add_argument("--route-difficult", action="store_true", help="route around any --loss: pairs whose margin is < "
+                   "--difficulty-threshold (margin from --difficulty) train with SFT on the chosen answer instead")
+    g.add_argument("--order", choices=ORDERS, default=None, help="batch order: length (bucketed, shuffled, full "
+                   "batches; default), random (shuffled, every pair), or MixDPO's: two-stage (default with MixDPO: "
+                   "every epoch easy pairs easy->hard, then every epoch difficult pairs), per-epoch (each epoch all "
+                   "pairs easy->hard), reversed (difficult pairs first, hard->easy)")
+    g.add_argument("--discard-difficult", action="store_true", help="MixDPO's filtering ablation: drop the difficult "
+                   "pairs instead of training them")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=3, help="passes over the training pairs")
     g.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = all epochs)")
@@ -110,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward on one rank "
                    "(0 = batch-size / world size); gradient accumulation makes up the rest")
     g.add_argument("--lr", type=float, default=1e-6, help="peak learning rate")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="linear", help="decay after "
+                   "warmup (linear: TRL's default, Yao et al.)")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = no clipping)")
     g.add_argument("--seed", type=int, default=42, help="seed of data order and demo init")
@@ -140,10 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    """Parsed flags, resolved: demo defaults, out_dir, eval_data, and args.hparams = the chosen loss's
-    hyperparameters (paper defaults, overridden by flags); the other losses' flags are removed."""
+    """Parsed flags, resolved: recipe and demo defaults (explicit flags win), out_dir, eval_data, args.hparams = the
+    chosen loss's hyperparameters (paper defaults, overridden by flags; the other losses' flags are removed),
+    args.route (MixDPO's routing around another loss: its ROUTING values; else None) and args.order.
+    --print-config prints them as JSON and exits."""
     p = build_parser()
     pre, _ = p.parse_known_args(argv)
+    if pre.recipe:
+        p.set_defaults(**recipes.RECIPES[pre.recipe]["args"])
     if pre.demo:
         p.set_defaults(**DEMO)
     args = p.parse_args(argv)
@@ -152,22 +196,32 @@ def get_args(argv=None) -> argparse.Namespace:
                 "the training pairs; pass --eval-data FILE, or --eval-split '' for no evaluation")
     args.out_dir, args.eval_data = args.out_dir.format(loss=args.loss), args.eval_data or args.data
     hps = losses.defaults(args.loss)
+    route = {n: losses.defaults("mixdpo")[n] for n in ROUTING} if args.route_difficult else None
     for name in HPARAMS:
         value = vars(args).pop(name)
-        if value is not None and name not in hps:
-            p.error(f"--{name.replace('_', '-')} is not a hyperparameter of --loss {args.loss} "
-                    f"(its hyperparameters: {', '.join(hps) or 'none'})")
-        if name in hps and value is not None:
+        if value is not None and name in hps:
             hps[name] = value
-    args.hparams = hps
+        elif value is not None and route is not None and name in route:
+            route[name] = value
+        elif value is not None:
+            p.error(f"--{name.replace('_', '-')} is not a hyperparameter of --loss {args.loss} (its hyperparameters: "
+                    f"{', '.join(hps) or 'none'}{'; --route-difficult takes it' * (name in ROUTING)})")
+    args.hparams, args.route = hps, route
+    args.order = args.order or ("two-stage" if mixdpo_settings(args) else "length")
     validate(args, p)
-    if args.curriculum_steps and args.loss != "margin_sigmoid":
-        p.error(f"--curriculum-steps ramps margin_sigmoid's δ; --loss {args.loss} has no curriculum")
     try:  # the loss checks its own hyperparameters (e.g. margin_sigmoid's δ < ln 2): ask it once, before any work
-        losses.compute(args.loss, {k: torch.tensor(v) for k, v in PROBE.items()}, hps, state={})
+        losses.compute(args.loss, {k: torch.tensor(v) for k, v in PROBE.items()}, hps, state={}, route=route)
     except ValueError as e:
         p.error(str(e))
+    if vars(args).pop("print_config"):
+        print(json.dumps(vars(args), indent=1))
+        p.exit(0)
     return args
+
+
+def mixdpo_settings(args) -> dict | None:
+    """τ and the difficulty margin of a MixDPO run (--loss mixdpo, or --route-difficult around another loss)."""
+    return args.route or ({n: args.hparams[n] for n in ROUTING} if args.loss == "mixdpo" else None)
 
 
 def validate(args, p: argparse.ArgumentParser) -> None:
@@ -192,6 +246,16 @@ def validate(args, p: argparse.ArgumentParser) -> None:
     for name, ok, must in rules:
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
+    if args.curriculum_steps and args.loss != "margin_sigmoid":
+        p.error(f"--curriculum-steps ramps margin_sigmoid's δ; --loss {args.loss} has no curriculum")
+    if args.route_difficult and args.loss in ("mixdpo", "sft"):
+        p.error(f"--route-difficult routes difficult pairs to SFT around a preference loss; --loss {args.loss} "
+                f"{'routes its pairs itself' if args.loss == 'mixdpo' else 'is SFT already'}")
+    if (args.order not in ("length", "random") or args.discard_difficult) and not mixdpo_settings(args):
+        p.error(f"--order {args.order}{' --discard-difficult' * args.discard_difficult} uses MixDPO's difficulty "
+                "margins: add --route-difficult, or use --loss mixdpo")
+    if args.discard_difficult and args.order == "length":
+        p.error("--discard-difficult filters MixDPO's orders: pass --order two-stage, per-epoch, reversed or random")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
@@ -233,10 +297,14 @@ class Scorer(torch.nn.Module):
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """The concatenation of t over all ranks (equal sizes: training micro-batches are equal on every rank)."""
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    """The concatenation of a 1-D t over all ranks; sizes may differ (the shards of a partial last batch)."""
+    world, n = dist.get_world_size(), torch.tensor([t.numel()], device=t.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    most = int(max(sizes))
+    out = [t.new_empty(most) for _ in range(world)]
+    dist.all_gather(out, torch.cat([t, t.new_zeros(most - t.numel())]))
+    return torch.cat([o[:int(k)] for o, k in zip(out, sizes)])
 
 
 def setup_device(args) -> tuple[int, int, torch.device]:
@@ -271,7 +339,7 @@ def build_demo_model(args, out: Path) -> Path:
 def load_pairs(args, model_dir: Path, source: str, split: str, device, rank: int) -> list[data.Pair]:
     """Tokenized pairs; for reference-based losses with their cached reference log-probs (built if missing: by
     rank 0, while the other ranks wait, then read it)."""
-    if args.loss not in losses.NEEDS_REF:
+    if not needs_ref(args):
         rows, _ = data.load_rows(source, split)
         return data.tokenize_pairs(rows, data.load_tokenizer(model_dir), args.max_length, args.max_prompt_length,
                                    source=source, skip_bad_rows=args.skip_bad_rows)[0]
@@ -286,12 +354,28 @@ def load_pairs(args, model_dir: Path, source: str, split: str, device, rank: int
     return pairs if rank == 0 else cache()[0]
 
 
+def needs_ref(args) -> bool:
+    """Whether the run reads reference log-probs: its loss, or MixDPO routing by the reference margin."""
+    return args.loss in losses.NEEDS_REF or (args.route or {}).get("difficulty") == "ref_margin"
+
+
 def epoch_batches(pairs: list[data.Pair], args, epoch: int) -> list[list[int]]:
-    """This epoch's batches of indices: length-bucketed, or easy -> hard for MixDPO; full batches only, so that
-    every rank gets an equal shard (the partial last batch is left out and counted)."""
-    order = "margin" if args.loss == "mixdpo" else "length"
-    batches = data.make_batches(pairs, args.batch_size, seed=args.seed + epoch, order=order)
-    return [b for b in batches if len(b) == args.batch_size]
+    """Batches of indices of epoch `epoch` of the run: --order length buckets by length and keeps full batches
+    only (the partial last batch is left out and counted); the others (data.curriculum_batches) train every pair,
+    and two-stage and reversed runs have 2 x --epochs epochs, one stage after the other."""
+    if args.order == "length":
+        batches = data.make_batches(pairs, args.batch_size, seed=args.seed + epoch)
+        return [b for b in batches if len(b) == args.batch_size]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return data.curriculum_batches(pairs, args.batch_size, epoch, epochs=args.epochs, order=args.order,
+                                   discard_difficult=args.discard_difficult, seed=args.seed + epoch,
+                                   min_last=max(2, world), **(mixdpo_settings(args) or {}))
+
+
+def run_batches(pairs: list[data.Pair], args) -> list[list[int]]:
+    """The whole run's batches, in the order they train: each epoch's `epoch_batches`, one epoch after another."""
+    epochs = args.epochs * (2 if args.order in ("two-stage", "reversed") else 1)
+    return [batch for epoch in range(epochs) for batch in epoch_batches(pairs, args, epoch)]
 
 
 def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_size: int, dtype: str,
@@ -359,13 +443,15 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batches = data.make_batches(pairs, args.batch_size, shuffle=False)
     if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
-        batches[-2] += batches.pop()
+        last = batches.pop()
+        batches[-1] += last
     scorer.eval()
     sums, n = {}, 0
     for b in batches[rank::world]:
         with data.autocast(device, args.dtype):
             t = data.pair_logps(scorer, data.collate([pairs[i] for i in b], pad_id, device))
-        _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state))
+        _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state),
+                                    route=args.route)
         sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
         n += len(b)
     scorer.train()
@@ -426,12 +512,12 @@ def build_model(args, model_dir: Path, device, world: int):
     return model, scorer, opt, scaler
 
 
-def check_plan(args, train_pairs: list, eval_pairs: list, steps_per_epoch: int, world: int) -> None:
-    """What the data allows must be a run that trains: at least one full batch, micro-batches that divide it,
-    and held-out pairs when evaluation is asked for."""
+def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int) -> None:
+    """What the data allows must be a run that trains: at least one batch, micro-batches that divide it, ranks that
+    stay in step, and held-out pairs when evaluation is asked for."""
     if not train_pairs:
         raise UserError(f"--data {args.data}: no usable training pairs (see the counts above)")
-    if steps_per_epoch == 0:
+    if not plan:
         raise UserError(f"--batch-size {args.batch_size}: only {len(train_pairs)} training pairs, fewer than one "
                         "batch; lower --batch-size or use more data")
     if args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size:
@@ -439,6 +525,9 @@ def check_plan(args, train_pairs: list, eval_pairs: list, steps_per_epoch: int, 
                         f"({args.batch_size // world})")
     if args.eval_split and not eval_pairs:
         raise UserError(f"--eval-data {args.eval_data}: no usable held-out pairs; fix it or pass --eval-split ''")
+    if world > 1 and args.route and args.loss in losses.GATHERS and args.order in ("per-epoch", "random"):
+        raise UserError(f"--route-difficult with --loss {args.loss} under DDP needs batches that are all easy or all "
+                        f"difficult (its batch statistics are gathered from every rank): use --order two-stage")
 
 
 def main(argv=None) -> dict:
@@ -452,10 +541,9 @@ def main(argv=None) -> dict:
     model_dir = model_folder(args, rank)  # every input is read and checked before the run folder is touched
     train_pairs = load_pairs(args, model_dir, args.data, args.split, device, rank)[:args.max_pairs or None]
     eval_pairs = load_pairs(args, model_dir, args.eval_data, args.eval_split, device, rank) if args.eval_split else []
-    batches = epoch_batches(train_pairs, args, 0)
-    steps_per_epoch = len(batches)
-    check_plan(args, train_pairs, eval_pairs, steps_per_epoch, world)
-    total = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
+    plan = run_batches(train_pairs, args)  # every step's batch of pair indices, the whole run
+    check_plan(args, train_pairs, eval_pairs, plan, world)
+    total = min(len(plan), args.max_steps or 10**12)
     model, scorer, opt, scaler = build_model(args, model_dir, device, world)
     pad_id = data.load_tokenizer(model_dir).token_to_id(data.PAD_TOKEN)
     step, counters, loss_state, last_ckpt = 0, {"updates": 0, "skipped_steps": 0, "bad_streak": 0}, {}, None
@@ -465,17 +553,16 @@ def main(argv=None) -> dict:
         checkpoint.start(args, out_dir)
     if rank == 0:
         print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
-        print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {steps_per_epoch} steps/epoch "
-              f"({len(train_pairs) - steps_per_epoch * args.batch_size} pairs of a partial last batch left out per "
-              f"epoch), {total} steps, padding {data.padding_fraction(train_pairs, batches):.1%}")
-    if step == 0 and args.loss in losses.NEEDS_REF:
+        print(f"recipe {recipes.describe(args.recipe)}" if args.recipe else "no recipe: the flags above as given")
+        print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {len(plan)} batches in {args.order} "
+              f"order ({len(train_pairs) - sum(map(len, plan)) / args.epochs:g} pairs per epoch left out: partial "
+              f"batches, discarded pairs), {total} steps, padding {data.padding_fraction(train_pairs, plan):.1%}")
+    if step == 0 and needs_ref(args):
         step0_check(scorer, train_pairs, pad_id, args, device)
 
     history, saved_step, window, t0 = [], step, [], time.time()
     micro = args.micro_batch_size or args.batch_size // world
     for step in tqdm(range(step, total), initial=step, total=total, disable=rank > 0, desc=args.loss):
-        epoch, i = divmod(step, steps_per_epoch)
-        batches = epoch_batches(train_pairs, args, epoch) if i == 0 and epoch > 0 else batches
         lr = get_lr(step, total, args)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -486,12 +573,12 @@ def main(argv=None) -> dict:
             last_ckpt = checkpoint.save(out_dir, step, model, opt, scaler, loss_state, counters, args) or last_ckpt
             saved_step = step
 
-        mine = batches[i][rank::world]
+        mine = plan[step][rank::world]
         micro_batches = [data.collate([train_pairs[j] for j in mine[k:k + micro]], pad_id, device)
                          for k in range(0, len(mine), micro)]
         loss = functools.partial(losses.compute, args.loss, hparams=step_hparams(args, step), state=loss_state,
-                                 gather=all_gather if world > 1 else None)
-        out = train_step(scorer, opt, scaler, micro_batches, loss, batch_size=args.batch_size, dtype=args.dtype,
+                                 gather=all_gather if world > 1 else None, route=args.route)
+        out = train_step(scorer, opt, scaler, micro_batches, loss, batch_size=len(plan[step]), dtype=args.dtype,
                          grad_clip=args.grad_clip)
         # bad: a non-finite loss, or a skipped step without fp16 (the scaler's skips while it calibrates are normal)
         bad = not math.isfinite(out["loss"]) or (out["skipped"] and not scaler.is_enabled())
@@ -504,7 +591,7 @@ def main(argv=None) -> dict:
                             f"or gradients; {where}. Try a lower --lr or --dtype bf16/fp32")
         window.append(out)
         if (step + 1) % args.log_every == 0 or step + 1 == total:
-            log({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr,
+            log({"step": step + 1, "epoch": args.epochs * (step + 1) / len(plan), "lr": lr,
                  **window_metrics(window, time.time() - t0, world, device), "fp16_scale": scaler.get_scale(),
                  "skipped_steps": counters["skipped_steps"]}, history, out_dir)
             window, t0 = [], time.time()

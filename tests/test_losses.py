@@ -337,10 +337,10 @@ def hand_amapo():
 @hand("mixdpo")
 def hand_mixdpo():
     """[P1, P1, P2] scored (5, 4), (4, 4), (4, 4), β = ½, τ = ½: pair 0 easy ⇒ DPO log(1+e⁻¹); pairs 1, 2 hard:
-    n_hard = 2, Σ_hard|y_w| = 3 ⇒ −S·2/3 = (2, 2/3) (their sum = n_hard × token mean 4/3). Easy fraction 1/3."""
+    n_hard = 2, Σ_hard|y_w| = 3 ⇒ −S·2/3 = (2, 2/3) (their sum = n_hard × token mean 4/3). SFT fraction 2/3."""
     return dict(b=make(P1, P1, P2, sw=[5.0, 4.0, 4.0], sl=[4.0, 4.0, 4.0]), hp=dict(beta=0.5, difficulty_threshold=0.5),
                 losses=[math.log1p(math.exp(-1)), 2.0, 2 / 3], rewards=([0.5, 0.5, 1.0], [-0.5, -0.5, -1.0]),
-                metrics={"mixdpo/easy_fraction": 1 / 3})
+                metrics={"sft_fraction": 2 / 3})
 
 
 def close(a, b, tol=1e-10):
@@ -351,7 +351,36 @@ def close(a, b, tol=1e-10):
 @pytest.mark.parametrize("key", list(LOSSES))
 def test_hand_value(key):
     assert key in HAND, f"{key}: add a @hand({key!r}) case with its derivation in the docstring"
-    case = HAND[key]()
+    check(key, HAND[key]())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Asymmetric hand cases: Δ_l ≠ −Δ_w, |y_w| ≠ |y_l|, β ≠ 1, margins at exactly τ, batches whose policy and reference
+# sides sort differently. On the symmetric pairs above an anchored loss (one term per answer) equals a relative one
+# (a function of z alone); here they differ, as do summed and length-normalised forms and each ablation switch.
+# ---------------------------------------------------------------------------------------------------------------
+Q1 = dict(pc=-2.0, pr=-7.0, rc=-3.0, rr=-4.0, lc=3, lr=5)  # Δw=1, Δl=−3, z=4, Sw−Sl=5, Aw=−2/3, Al=−7/5, ref margin 1
+Q2 = dict(pc=-5.0, pr=-3.0, rc=-4.0, rr=-5.0, lc=2, lr=4)  # Δw=−1, Δl=2, z=−3, Aw=−5/2, Al=−3/4, ref margin 1
+Q3 = dict(pc=-4.0, pr=-3.0, rc=-5.0, rr=-5.0, lc=4, lr=2)  # Δw=1, Δl=2, z=−1, ref margin 0
+E0 = dict(pc=-1.0, pr=-1.0, rc=0.0, rr=0.0, lc=1, lr=1)    # A_w=−1, A_l=−1: Δ̄ = A_w − A_l = 0
+E1 = dict(pc=-2.0, pr=-9.0, rc=0.0, rr=0.0, lc=2, lr=3)    # A_w=−1, A_l=−3: Δ̄ = 2
+E2 = dict(pc=-4.0, pr=-25.0, rc=0.0, rr=0.0, lc=4, lr=5)   # A_w=−1, A_l=−5: Δ̄ = 4
+N0, N1, N2 = ({**E0, "pc": -4.0 + k, "pr": -1.0} for k in range(3))  # Δ̄ = −3, −2, −1 (|y| = 1)
+L1 = dict(pc=2 * math.log(0.5), pr=2 * math.log(0.25), rc=0.0, rr=0.0, lc=2, lr=2)      # p_w = ½, p_l = ¼
+L2 = dict(pc=0.5 * math.log(0.75), pr=4.5 * math.log(0.25), rc=0.0, rr=0.0, lc=1, lr=3)  # A_w = ½ln¾, A_l = (3/2)ln¼
+L3 = dict(pc=math.log(0.5), pr=math.log(0.5), rc=0.0, rr=0.0, lc=1, lr=1)               # p_w = p_l = ½
+ASYM = []
+
+
+def asym(key):
+    def register(f):
+        ASYM.append(pytest.param(key, f, id=f.__name__))
+        return f
+    return register
+
+
+def check(key, case):
+    """`compute(key)` on a case's batch equals its hand-derived losses, rewards, metrics (batch means) and state."""
     state = {} if key in STATEFUL else None
     out, m = run(key, case["b"], state=state, **case["hp"])
     assert close(out, case["losses"]), (out, case["losses"])
@@ -359,10 +388,314 @@ def test_hand_value(key):
         cr, rr = m["rewards/chosen"], m["rewards/rejected"]
         assert close(cr, case["rewards"][0]) and close(rr, case["rewards"][1]), (cr, rr)
     for name, want in case.get("metrics", {}).items():  # batch values, expanded to [B] by compute
-        assert close(m[name], [want] * len(out), tol=1e-6), (name, m[name], want)  # fractions are fp32
+        assert close(m[name].mean(), want, tol=1e-6), (name, m[name], want)  # fractions are fp32
     for name, want in case.get("state", {}).items():
         assert close(state[name], want), (name, state[name], want)
 
+
+@asym("dpo")
+def asym_cdpo():
+    """Q1, β = ½, ε = ¼: βz = 2 ⇒ 0.75·softplus(−2) + 0.25·softplus(2)."""
+    return dict(b=make(Q1), hp=dict(beta=0.5, label_smoothing=0.25), losses=[0.75 * sp(-2) + 0.25 * sp(2)])
+
+
+@asym("hinge")
+def asym_hinge():
+    """[Q1, Q2], β = ½: βz = (2, −3/2) ⇒ max(0, 1 − 2) = 0 and max(0, 1 + 3/2) = 5/2; active ½."""
+    return dict(b=make(Q1, Q2), hp=dict(beta=0.5), losses=[0.0, 2.5], metrics={"hinge/active_fraction": 0.5})
+
+
+@asym("aot")
+def asym_aot():
+    """A: S_w − S_l = 5, reference 2; B: 1 and −1; β = ½. Both sides sorted: (1, 5) − (−1, 2) = (2, 3) ⇒ per rank
+    softplus(−1), softplus(−3/2). (Policy side unsorted: (6, −1); neither sorted: (3, 2).)"""
+    a = dict(pc=-1.0, pr=-6.0, rc=-2.0, rr=-4.0, lc=1, lr=1)
+    b = dict(pc=-3.0, pr=-4.0, rc=-5.0, rr=-4.0, lc=1, lr=1)
+    return dict(b=make(a, b), hp=dict(beta=0.5), losses=[sp(-1.0), sp(-1.5)])
+
+
+@asym("aot_unpaired")
+def asym_aot_unpaired():
+    """C: Δ_w = 2, Δ_l = −1; D: Δ_w = 1, Δ_l = −3; β = ½: sort(Δ_w) − sort(Δ_l) = (1, 2) − (−3, −1) = (4, 3) ⇒
+    softplus(−2), softplus(−3/2) (unsorted: (3, 4), the ranks swapped)."""
+    c = dict(pc=-1.0, pr=-2.0, rc=-3.0, rr=-1.0, lc=1, lr=1)
+    d = dict(pc=-2.0, pr=-5.0, rc=-3.0, rr=-2.0, lc=1, lr=1)
+    return dict(b=make(c, d), hp=dict(beta=0.5), losses=[sp(-2.0), sp(-1.5)])
+
+
+@asym("apo_zero")
+def asym_apo_zero():
+    """[Q1, Q2], β = ½: (1 − σ(βΔ_w)) + σ(βΔ_l) = σ(−½) + σ(−3/2) and σ(½) + σ(1) (a z-only form would give
+    2σ(−1) and 2σ(3/4))."""
+    return dict(b=make(Q1, Q2), hp=dict(beta=0.5), losses=[sig(-0.5) + sig(-1.5), sig(0.5) + sig(1.0)])
+
+
+@asym("apo_down")
+def asym_apo_down():
+    """Q1, β = ½: σ(βΔ_w) + 1 − σ(βz) = σ(½) + 1 − σ(2)."""
+    return dict(b=make(Q1), hp=dict(beta=0.5), losses=[sig(0.5) + 1 - sig(2.0)])
+
+
+@asym("nca")
+def asym_nca():
+    """Q1, β = ½: −log σ(½) − ½·log σ(−½) − ½·log σ(3/2) = softplus(−½) + ½softplus(½) + ½softplus(−3/2)."""
+    return dict(b=make(Q1), hp=dict(beta=0.5), losses=[sp(-0.5) + 0.5 * sp(0.5) + 0.5 * sp(-1.5)])
+
+
+@asym("bco")
+def asym_bco():
+    """Q2, β = ½: −log σ(βΔ_w) − log σ(−βΔ_l) = −log σ(−½) − log σ(−1) = softplus(½) + softplus(1)."""
+    return dict(b=make(Q2), hp=dict(beta=0.5), losses=[sp(0.5) + sp(1.0)])
+
+
+@asym("sppo_hard")
+def asym_sppo_hard():
+    """Q1, β = ½: 1/(2β) = 1; (1 − 1)² + (−3 + 1)² = 4."""
+    return dict(b=make(Q1), hp=dict(beta=0.5), losses=[4.0])
+
+
+@asym("kto")
+def asym_kto():
+    """[Q1, Q2], β = ½: the mean of Δ = (1, −1, −3, 2) is −¼, so z0 = max(0, −¼) = 0 (unclamped it would be −¼).
+    Q1: [σ(−½·1) + σ(−½·3)]/2; Q2: [σ(−½·(−1)) + σ(−½·(0 − 2))]/2 = [σ(½) + σ(1)]/2."""
+    return dict(b=make(Q1, Q2), hp=dict(beta=0.5), losses=[(sig(-0.5) + sig(-1.5)) / 2, (sig(0.5) + sig(1.0)) / 2],
+                metrics={"kto/kl": 0.0})
+
+
+@asym("apo_hinge_zero")
+def asym_apo_hinge_zero():
+    """[Q1, Q2], β = ½, m = 1: Q1 max(0, 1 − ½) + max(0, 1 − 3/2) = ½; Q2 max(0, 1 + ½) + max(0, 1 + 1) = 7/2.
+    Active: chosen 1, rejected ½."""
+    return dict(b=make(Q1, Q2), hp=dict(beta=0.5, margin=1.0), losses=[0.5, 3.5],
+                metrics={"apo_hinge_zero/active_chosen": 1.0, "apo_hinge_zero/active_rejected": 0.5})
+
+
+@asym("apo_hinge_softplus")
+def asym_apo_hinge_softplus():
+    """Q2, β = ½, m = 1: softplus(1 + ½) + softplus(1 + 1)."""
+    return dict(b=make(Q2), hp=dict(beta=0.5, margin=1.0), losses=[sp(1.5) + sp(2.0)])
+
+
+@asym("margin_sigmoid")
+def asym_margin_sigmoid():
+    """Q2, β = ½, δ = 0.3, ε = ¼: βz = −3/2, ℓ⁺ = softplus(3/2) ≈ 1.70 > δ, ℓ⁻ = softplus(−3/2) ≈ 0.20 < δ ⇒
+    0.75·(softplus(3/2) − 0.3). Active 1."""
+    return dict(b=make(Q2), hp=dict(beta=0.5, delta=0.3, label_smoothing=0.25), losses=[0.75 * (sp(1.5) - 0.3)],
+                metrics={"margin_sigmoid/active_fraction": 1.0})
+
+
+@asym("margin_sigmoid")
+def asym_margin_sigmoid_softplus():
+    """As above with softplus_hinge: 0.75·softplus(softplus(3/2) − 0.3) + 0.25·softplus(softplus(−3/2) − 0.3) (the
+    second term no longer vanishes)."""
+    return dict(b=make(Q2), hp=dict(beta=0.5, delta=0.3, label_smoothing=0.25, softplus_hinge=True),
+                losses=[0.75 * sp(sp(1.5) - 0.3) + 0.25 * sp(sp(-1.5) - 0.3)])
+
+
+LMPO_HP = dict(beta=1.0, gamma_beta_ratio=0.5, margin_weight=0.5)  # loss = softplus(½ − (A_w − A_l) + ½·term)
+
+
+def lmpo_shape_case(margin_fn, m, **hp):
+    return dict(b=make(L1), hp=dict(LMPO_HP, zscore=False, margin_fn=margin_fn, **hp),
+                losses=[sp(0.5 - LN2 + 0.5 * m)], metrics={"lmpo/margin": m})
+
+
+@asym("lmpo")
+def asym_lmpo_pow5():
+    """L1 (|y| = 2, 2; p_w = ½, p_l = ¼, d = ¼), β = 1, γ_r = ½, λ = ½, no z-score (term = m), k = 5:
+    m = ½(1 − 4⁻⁵), loss = softplus(½ − ln 2 + m/2)."""
+    return lmpo_shape_case("pow", 0.5 * (1 - 0.25 ** 5))
+
+
+@asym("lmpo")
+def asym_lmpo_cube():
+    """As pow5 with k = 3 (the "cube" row): m = ½(1 − 4⁻³)."""
+    return lmpo_shape_case("pow", 0.5 * (1 - 0.25 ** 3), margin_power=3)
+
+
+@asym("lmpo")
+def asym_lmpo_sigmoid():
+    """As pow5 with the sigmoid shape, temperature 0.1: m = ½·σ(−¼/0.1) = ½σ(−5/2)."""
+    return lmpo_shape_case("sigmoid", 0.5 * sig(-2.5))
+
+
+@asym("lmpo")
+def asym_lmpo_log():
+    """As pow5 with the log shape, α = 5: f = log((3/8 + 10⁻⁸)/(5/8 + 10⁻⁸))/5 + ½ (the release's 10⁻⁸ guards),
+    m = ½f."""
+    return lmpo_shape_case("log", 0.5 * (math.log((0.375 + 1e-8) / (0.625 + 1e-8)) / 5 + 0.5))
+
+
+@asym("lmpo")
+def asym_lmpo_avg_length_norm():
+    """L2 (|y_w| = 1, |y_l| = 3, L̄ = 2): p = exp(A·L̄/|y|) ⇒ p_w = ¾, p_l = ¼, m = ¼(1 − 2⁻⁵); no z-score, β = 1,
+    γ_r = ½, λ = ½: loss = softplus(½ − (½ln¾ − (3/2)ln¼) + m/2)."""
+    m = 0.25 * (1 - 0.5 ** 5)
+    gap = 0.5 * math.log(0.75) - 1.5 * math.log(0.25)
+    return dict(b=make(L2), hp=dict(LMPO_HP, zscore=False), losses=[sp(0.5 - gap + 0.5 * m)])
+
+
+@asym("lmpo")
+def asym_lmpo_no_avg_length_norm():
+    """L2 without the length normalisation: p = exp(A) ⇒ p_w = √¾, p_l = ⅛, m = (1 − √¾)(1 − (√¾ − ⅛)⁵)."""
+    pw = math.sqrt(0.75)
+    m = (1 - pw) * (1 - (pw - 0.125) ** 5)
+    return dict(b=make(L2), hp=dict(LMPO_HP, zscore=False, avg_length_norm=False),
+                losses=[sp(0.5 - (0.5 * math.log(0.75) - 1.5 * math.log(0.25)) + 0.5 * m)])
+
+
+@asym("lmpo")
+def asym_lmpo_zscore_three_pairs():
+    """[L1, L2, L3], k = 5: m = (½(1 − 4⁻⁵), ¼(1 − 2⁻⁵), ½) (L3: d = 0, m = 1 − ½); fresh state ⇒ a = mean m,
+    b = unbiased std m; loss_i = softplus(½ − (A_w − A_l)_i + ½(m_i − a)/b), A_w − A_l = (ln 2, ½ln¾ − (3/2)ln¼, 0)."""
+    m = [0.5 * (1 - 0.25 ** 5), 0.25 * (1 - 0.5 ** 5), 0.5]
+    a = sum(m) / 3
+    b = math.sqrt(sum((x - a) ** 2 for x in m) / 2)
+    gaps = [LN2, 0.5 * math.log(0.75) - 1.5 * math.log(0.25), 0.0]
+    return dict(b=make(L1, L2, L3), hp=LMPO_HP, losses=[sp(0.5 - g + 0.5 * (x - a) / b) for g, x in zip(gaps, m)],
+                state={"a": a, "b": b})
+
+
+@asym("amapo")
+def asym_amapo_release():
+    """[E0, E1, E2] (unequal lengths), β = 2: Δ̄ = (0, 2, 4), μ = 2, s = 2, z = (1, 0, −1), γ = zμ = (2, 0, −2);
+    only Δ̄ < μ (pair 0) gets M = 2e². loss = softplus(M − βΔ̄) = (softplus(2e²), softplus(−4), softplus(−8))
+    (with β dropped from M: softplus(e²)). Mean M = 2e²/3, M > 0 for ⅓."""
+    return dict(b=make(E0, E1, E2), hp=dict(beta=2.0), losses=[sp(2 * math.e ** 2), sp(-4.0), sp(-8.0)],
+                metrics={"amapo/margin": 2 * math.e ** 2 / 3, "amapo/margin_pos_fraction": 1 / 3})
+
+
+@asym("amapo")
+def asym_amapo_paper():
+    """As release with the paper's form: r = βΔ̄ = (0, 4, 8), μ_r = 4, s = 4, z = (1, 0, −1), γ = zμ_r = (4, 0, −4);
+    γ > 0 for pair 0: M = 2e⁴ ⇒ (softplus(2e⁴), softplus(−4), softplus(−8))."""
+    return dict(b=make(E0, E1, E2), hp=dict(beta=2.0, amapo_form="paper"),
+                losses=[sp(2 * math.e ** 4), sp(-4.0), sp(-8.0)])
+
+
+@asym("amapo")
+def asym_amapo_release_negative_mean():
+    """[N0, N1, N2], β = 2: Δ̄ = (−3, −2, −1), μ = −2, s = 1, z = (1, 0, −1), γ = zμ = (−2, 0, 2); the release gates
+    on Δ̄ < μ (pair 0): M = 2e⁻² ⇒ (softplus(2e⁻² + 6), softplus(4), softplus(2))."""
+    return dict(b=make(N0, N1, N2), hp=dict(beta=2.0), losses=[sp(2 * math.exp(-2) + 6), sp(4.0), sp(2.0)])
+
+
+@asym("amapo")
+def asym_amapo_paper_negative_mean():
+    """As above, paper form: r = (−6, −4, −2), μ_r = −4, s = 2, z = (1, 0, −1), γ = zμ_r = (−4, 0, 4); γ > 0 for
+    pair 2 (the release's gate picks pair 0): M = 2e⁴ ⇒ (softplus(6), softplus(4), softplus(2e⁴ + 2))."""
+    return dict(b=make(N0, N1, N2), hp=dict(beta=2.0, amapo_form="paper"),
+                losses=[sp(6.0), sp(4.0), sp(2 * math.e ** 4 + 2)])
+
+
+@asym("amapo")
+def asym_amapo_no_zscore():
+    """Release, [E0, E1, E2], β = 2, w/o Z-normalization: z = μ − Δ̄ = (2, 0, −2), γ = (4, 0, −4): M₀ = 2e⁴."""
+    return dict(b=make(E0, E1, E2), hp=dict(beta=2.0, zscore=False), losses=[sp(2 * math.e ** 4), sp(-4.0), sp(-8.0)])
+
+
+@asym("amapo")
+def asym_amapo_no_exp_scaling():
+    """Release, w/o exponential scaling: M = β·max(γ, 0) with γ₀ = 2 ⇒ M₀ = 4."""
+    return dict(b=make(E0, E1, E2), hp=dict(beta=2.0, exp_scaling=False), losses=[sp(4.0), sp(-4.0), sp(-8.0)])
+
+
+@asym("amapo")
+def asym_amapo_no_adaptive():
+    """Release, the paper's "w/o adaptive" (neither z-score nor exp): γ₀ = (μ − Δ̄₀)·μ = 4, M₀ = β·4 = 8 (not 0)."""
+    return dict(b=make(E0, E1, E2), hp=dict(beta=2.0, adaptive=False), losses=[sp(8.0), sp(-4.0), sp(-8.0)])
+
+
+@asym("amapo")
+def asym_amapo_no_zero_margin():
+    """Release, w/o zero margin: every pair keeps M = 2e^γ = (2e², 2, 2e⁻²) ⇒ softplus(M − βΔ̄) =
+    (softplus(2e²), softplus(−2), softplus(2e⁻² − 8))."""
+    return dict(b=make(E0, E1, E2), hp=dict(beta=2.0, zero_margin=False),
+                losses=[sp(2 * math.e ** 2), sp(-2.0), sp(2 * math.exp(-2) - 8)])
+
+
+MIX = make(Q1, Q2, Q1, sw=[5.0, 4.0, 3.0], sl=[4.5, 4.0, 3.25])  # score margins ½ (exactly τ), 0, −¼
+
+
+@asym("mixdpo")
+def asym_mixdpo():
+    """MIX, β = ½, τ = ½: margin ½ is not < τ, so pair 0 is easy: DPO softplus(−βz) = softplus(−2); pairs 1, 2
+    difficult: n = 2, Σ|y_w| = 2 + 3 ⇒ −S_w·2/5 = (2, 4/5). SFT fraction ⅔."""
+    return dict(b=MIX, hp=dict(beta=0.5, difficulty_threshold=0.5), losses=[sp(-2.0), 2.0, 0.8],
+                metrics={"sft_fraction": 2 / 3})
+
+
+@asym("mixdpo")
+def asym_mixdpo_sft_ref():
+    """MIX with sft_ref: difficult pairs get −log σ(βΔ_w): Q2 (Δ_w = −1) softplus(½), Q1 (Δ_w = 1) softplus(−½)."""
+    return dict(b=MIX, hp=dict(beta=0.5, difficulty_threshold=0.5, sft_ref=True), losses=[sp(-2.0), sp(0.5), sp(-0.5)])
+
+
+@asym("mixdpo")
+def asym_mixdpo_ref_margin():
+    """[Q1, Q3] scored (5, 2) (score margin 3: all easy), difficulty ref_margin, τ = 1, β = ½: reference margins 1
+    (= τ: easy, DPO softplus(−2)) and 0 (difficult: n = 1, |y_w| = 4 ⇒ −(−4)/4 = 1). SFT fraction ½."""
+    return dict(b=make(Q1, Q3, sw=[5.0, 5.0], sl=[2.0, 2.0]),
+                hp=dict(beta=0.5, difficulty_threshold=1.0, difficulty="ref_margin"), losses=[sp(-2.0), 1.0],
+                metrics={"sft_fraction": 0.5})
+
+
+@pytest.mark.parametrize("key, case", ASYM)
+def test_asymmetric_hand_value(key, case):
+    check(key, case())
+
+
+def test_asymmetric_cases_cover_the_papers_and_the_anchored_baselines():
+    covered = {p.values[0] for p in ASYM}
+    assert {"apo_hinge_zero", "apo_hinge_softplus", "margin_sigmoid", "lmpo", "amapo", "mixdpo", "dpo", "hinge", "aot",
+            "apo_zero", "apo_down", "nca", "bco", "sppo_hard", "kto", "aot_unpaired"} <= covered
+
+
+def test_lmpo_margin_grad_differentiates_through_the_margin():
+    """L1 (|y| = 2, 2: p = e^{S/2}, so dp_w/dS_w = p_w/2 = ¼, dp_l/dS_l = p_l/2 = ⅛), β = 1, γ_r = ½, λ = ½, k = 5,
+    state a = 0.3, b = 0.2 held by decay 1. u = ½ − (A_w − A_l) + λ(m − a)/b, loss = softplus(u), dloss/dS = σ(u)·du/dS.
+    Release (stop-gradient): du/dS_w = −½, du/dS_l = +½. Paper: plus (λ/b)·dm/dS with d = ¼,
+    dm/dp_w = −(1 − d⁵) − (1 − p_w)·5d⁴, dm/dp_l = (1 − p_w)·5d⁴."""
+    d, pw = 0.25, 0.5
+    m = (1 - pw) * (1 - d ** 5)
+    u = 0.5 - LN2 + 0.5 * (m - 0.3) / 0.2
+    dm_dw, dm_dl = 0.25 * (-(1 - d ** 5) - (1 - pw) * 5 * d ** 4), 0.125 * (1 - pw) * 5 * d ** 4
+    for grad_on, want in [(False, (-0.5, 0.5)), (True, (-0.5 + 2.5 * dm_dw, 0.5 + 2.5 * dm_dl))]:
+        b = make(L1)
+        pc, pr = b["pc"].clone().requires_grad_(), b["pr"].clone().requires_grad_()
+        out = run("lmpo", {**b, "pc": pc, "pr": pr}, state={"a": 0.3, "b": 0.2}, decay=1.0, lmpo_margin_grad=grad_on,
+                  **LMPO_HP)[0]
+        assert close(out, [sp(u)])
+        gc, gr = torch.autograd.grad(out.sum(), (pc, pr))
+        assert close(gc, [sig(u) * want[0]]) and close(gr, [sig(u) * want[1]]), (grad_on, gc, gr)
+
+
+def test_lmpo_margin_grad_gradcheck():
+    """With the running statistics held (decay 1) the paper's form is a plain differentiable function."""
+    b = rand_batch(seed=14)
+    x = (b["pc"].clone().requires_grad_(), b["pr"].clone().requires_grad_())
+    f = lambda pc, pr: run("lmpo", {**b, "pc": pc, "pr": pr}, state={"a": 0.4, "b": 0.3}, decay=1.0,  # noqa: E731
+                           lmpo_margin_grad=True)[0]
+    assert torch.autograd.gradcheck(f, x)
+
+
+def test_route_sends_difficult_pairs_to_sft_around_any_loss():
+    """MIX routed around SimPO (β = 2, γ_r = ½), τ = ½: pair 0 (margin exactly τ) is easy: SimPO on it alone,
+    A_w − A_l = −2/3 + 7/5 = 11/15 ⇒ softplus(−(2·11/15 − 1)) = softplus(−7/15), rewards β·A = (−4/3, −14/5); pairs
+    1, 2 get `sft` on their own: −S_w·2/5 = (2, 4/5), rewards A = (−5/2, −3/4), (−2/3, −7/5). sft_fraction (0, 1, 1).
+    Around AMaPO the batch statistics cover the easy pairs only: the easy pairs' losses equal AMaPO on them alone."""
+    route = dict(difficulty_threshold=0.5, difficulty="score")
+    out, m = compute("simpo", as_batch(MIX), route=route)
+    assert close(out, [sp(-7 / 15), 2.0, 0.8])
+    assert close(m["rewards/chosen"], [-4 / 3, -2.5, -2 / 3]) and close(m["rewards/rejected"], [-14 / 5, -0.75, -1.4])
+    assert close(m["sft_fraction"], [0.0, 1.0, 1.0]) and list(m) == list(losses.TRL_METRICS) + ["sft_fraction"]
+    hard = dict(pc=-3.0, pr=-1.0, rc=0.0, rr=0.0, lc=2, lr=2)
+    mixed = make(E0, hard, E1, E2, sw=[5.0, 1.0, 5.0, 5.0], sl=[1.0, 1.0, 1.0, 1.0])
+    out = compute("amapo", as_batch(mixed), {"beta": 2.0}, route=route)[0]
+    alone = compute("amapo", as_batch(make(E0, E1, E2)), {"beta": 2.0})[0]
+    assert close(out[[0, 2, 3]], alone) and close(out[1], 1.5)  # the difficult pair: −S_w/|y_w| = 3/2
+    with pytest.raises(ValueError, match="mixdpo routes its pairs itself"):
+        compute("mixdpo", as_batch(MIX), route=route)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,8 +768,14 @@ def test_identities():
     for margin_fn in ("pow", "log", "sigmoid"):
         for zscore in (True, False):
             assert close(L("lmpo", margin_weight=0.0, margin_fn=margin_fn, zscore=zscore), L("simpo"))
-    assert close(L("amapo", adaptive=False), L("simpo", gamma_beta_ratio=0.0))
-    assert close(L("mixdpo", difficulty_threshold=-1e9), L("dpo"))
+    for form in ("release", "paper"):  # the paper's "w/o adaptive" row: neither z-score nor exponential scaling
+        assert close(L("amapo", adaptive=False, amapo_form=form),
+                     L("amapo", zscore=False, exp_scaling=False, amapo_form=form))
+    assert close(L("amapo", beta=1.0, amapo_form="paper"), L("amapo", beta=1.0))  # β = 1, μ > 0: the forms agree
+    assert close(L("margin_sigmoid", delta=0.0, label_smoothing=0.0, softplus_hinge=True),
+                 F.softplus(-F.logsigmoid(0.1 * z)))
+    assert close(L("mixdpo", difficulty_threshold=-1e9), L("dpo", beta=0.01))
+    assert close(L("mixdpo", difficulty_threshold=-1e9, difficulty="ref_margin"), L("dpo", beta=0.01))
     assert close(L("mixdpo", difficulty_threshold=1e9), L("sft"))
     assert close(L("rpo", nll_weight=0.5), L("dpo") - 0.5 * b["pc"] / b["lc"])
     assert close(L("sft").mean(), -b["pc"].sum() / b["lc"].sum())
@@ -690,7 +1029,7 @@ def test_compute_equals_a_direct_call(key):
     want, cr, rr = direct(key, b, state=state, metrics=extras)
     out, m = compute(key, as_batch(b), defaults(key), state=state2 if key in STATEFUL else None)
     assert torch.equal(out, want) and out.dtype == torch.float64
-    assert list(m) == TRL_METRICS + list(extras)
+    assert list(m) == TRL_METRICS + list(extras) + ["sft_fraction"] * (key == "mixdpo")
     assert torch.equal(m["rewards/chosen"], cr) and torch.equal(m["rewards/rejected"], rr)
     assert torch.equal(m["rewards/margins"], cr - rr) and torch.equal(m["loss"], want)
     assert torch.equal(m["rewards/accuracies"], (cr > rr).double() + 0.5 * (cr == rr).double())

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import checkpoint
 import data
 import losses
+import recipes
 import train
 from model import UserError
 
@@ -162,10 +163,14 @@ def test_nan_loss_stops_without_saving_nans(tmp_path, cache_dir, monkeypatch):
     assert rows[2]["fp16_scale"] == rows[1]["fp16_scale"] / 2 == rows[0]["fp16_scale"] / 4
 
 
-def test_ddp_gloo_equals_one_process(tmp_path, cache_dir):
+@pytest.mark.parametrize("flags", [["--loss", "dpo"], ["--loss", "amapo", "--order", "random", "--max-pairs", "19"]],
+                         ids=["dpo", "amapo-partial-batch"])
+def test_ddp_gloo_equals_one_process(tmp_path, cache_dir, flags):
     """torchrun with 2 CPU processes (gloo) and the same global batch trains like one process: same loss and
-    gradient norm at every step (a missing all-reduce or a wrong average changes the norm at step 1)."""
-    common = [str(ROOT / "train.py"), "--demo", "--loss", "dpo", "--max-steps", "3", "--eval-split", "",
+    gradient norm at every step (a missing all-reduce or a wrong average changes the norm at step 1). With AMaPO on
+    19 pairs in random order the third step is a partial batch of 3, split 2 + 1: its batch statistics are gathered
+    from shards of different sizes and its mean is over 3 pairs."""
+    common = [str(ROOT / "train.py"), "--demo", *flags, "--max-steps", "3", "--eval-split", "",
               "--dtype", "fp32", "--cache-dir", str(cache_dir), "--batch-size", "8", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out-dir", str(tmp_path / "one")], check=True, env=env, cwd=ROOT)
@@ -267,3 +272,129 @@ def test_cli_user_error_is_one_line_exit_2(cli, argv, names, tmp_path):
                        text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"{cli}: error: ") and names in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# ----------------------------------------------------------------------------- recipes
+def test_every_recipe_resolves_to_its_values_and_flags_override_it():
+    """--recipe NAME sets each of its values (loss hyperparameters land in args.hparams); an explicit flag wins."""
+    for name, recipe in recipes.RECIPES.items():
+        assert recipe["source"] and set(recipe["notes"]) <= set(recipe["args"]), name
+        args = train.get_args(["--recipe", name])
+        resolved = {**vars(args), **args.hparams}
+        assert {k: resolved[k] for k in recipe["args"]} == recipe["args"], name
+        assert args.recipe == name
+    args = train.get_args(["--recipe", "lmpo-mistral-7b-base", "--lr", "1e-6", "--beta", "3", "--epochs", "2"])
+    assert (args.lr, args.hparams["beta"], args.epochs) == (1e-6, 3.0, 2)
+    assert (args.batch_size, args.schedule, args.warmup_ratio, args.hparams["gamma_beta_ratio"]) == (128, "cosine", 0.1, 0.8)
+    assert train.get_args(["--recipe", "mixdpo-mistral-7b-base"]).order == "two-stage"
+
+
+def test_print_config_and_list_recipes_exit_0_and_touch_nothing(tmp_path):
+    """--print-config prints the resolved arguments (what args.json would hold) as JSON; --list-recipes prints every
+    recipe with its source; both exit 0 without creating the run folder."""
+    common = [sys.executable, str(ROOT / "train.py"), "--out-dir", str(tmp_path / "run")]
+    r = subprocess.run([*common, "--recipe", "amapo-llama-3-8b-base", "--beta", "3", "--print-config"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config == json.loads(json.dumps(vars(train.get_args(["--recipe", "amapo-llama-3-8b-base", "--beta", "3",
+                                                                "--out-dir", str(tmp_path / "run")]))))
+    assert config["hparams"]["beta"] == 3.0 and config["lr"] == 6e-7 and "print_config" not in config
+    r = subprocess.run([*common, "--list-recipes"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and all(f"{name}: {recipe['source']}" in r.stdout
+                                     for name, recipe in recipes.RECIPES.items()), r.stdout[-2000:]
+    assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
+
+
+def test_defaults_are_trls_schedule_and_the_demo_keeps_its_own():
+    """Without a recipe the schedule is TRL's (Yao et al.): linear decay from the peak, no warmup; the demo keeps
+    cosine with 5% warmup."""
+    args = train.get_args([])
+    assert (args.schedule, args.warmup_ratio, args.lr, args.batch_size, args.epochs) == ("linear", 0.0, 1e-6, 8, 3)
+    assert [train.get_lr(s, 10, args) for s in (0, 5)] == [1e-6, 0.5e-6]
+    demo_args = train.get_args(["--demo"])
+    assert (demo_args.schedule, demo_args.warmup_ratio, demo_args.order) == ("cosine", 0.05, "length")
+
+
+# ----------------------------------------------------------------------------- MixDPO's order and routing
+MARGINS = [0.2, 3.0, -0.5, 0.5, 1.5, 0.0, 2.5, 0.4, 1.0, 0.1, 0.75, 2.0, 0.3]  # 7 easy (≥ τ = ½, one exactly ½)
+
+
+def _pairs(margins):
+    return [data.Pair([1, 2], [3], [4], row=i, score_chosen=m, score_rejected=0.0,
+                      ref_chosen_logps=-m, ref_rejected_logps=0.0) for i, m in enumerate(margins)]
+
+
+def test_curriculum_batches_orders():
+    """13 pairs, batch 4, τ = ½. two-stage: epochs 0-1 the 7 easy pairs easy -> hard ([4, 3] each), epochs 2-3 the 6
+    difficult ones ([4, 2]); a margin of exactly τ is easy. reversed: difficult pairs first, each stage hard -> easy.
+    per-epoch: all pairs easy -> hard, the single leftover pair joins the last batch ([4, 4, 5]). random: every
+    pair, shuffled per seed. discard_difficult: only the easy pairs. ref_margin reads the reference margins."""
+    pairs, tau = _pairs(MARGINS), 0.5
+    margins = lambda batches: [[MARGINS[i] for i in b] for b in batches]  # noqa: E731
+    batch = lambda epoch, **kw: data.curriculum_batches(pairs, 4, epoch, epochs=2, seed=epoch, min_last=2,  # noqa: E731
+                                                        **kw)
+    easy, hard = [[3.0, 2.5, 2.0, 1.5], [1.0, 0.75, 0.5]], [[0.4, 0.3, 0.2, 0.1], [0.0, -0.5]]
+    assert [margins(batch(e)) for e in range(4)] == [easy, easy, hard, hard]
+    assert [margins(batch(e, order="reversed")) for e in range(4)] == [
+        [[-0.5, 0.0, 0.1, 0.2], [0.3, 0.4]]] * 2 + [[[0.5, 0.75, 1.0, 1.5], [2.0, 2.5, 3.0]]] * 2
+    assert margins(batch(0, order="per-epoch")) == [[3.0, 2.5, 2.0, 1.5], [1.0, 0.75, 0.5, 0.4],
+                                                    [0.3, 0.2, 0.1, 0.0, -0.5]]
+    shuffled = batch(0, order="random")
+    assert sorted(i for b in shuffled for i in b) == list(range(13)) and shuffled != batch(1, order="random")
+    assert [len(b) for b in shuffled] == [4, 4, 5]
+    assert [margins(batch(e, discard_difficult=True)) for e in range(4)] == [easy, easy, [], []]
+    assert sorted(m for b in margins(batch(0, order="random", discard_difficult=True)) for m in b) == [
+        0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]
+    by_ref = [[m for m in b] for b in margins(batch(0, difficulty="ref_margin", difficulty_threshold=-tau))]
+    assert by_ref == [[-0.5, 0.0, 0.1, 0.2], [0.3, 0.4, 0.5]]  # reference margin = −score margin here
+    assert margins(batch(2, difficulty_threshold=0.3)) == [[0.2, 0.1, 0.0, -0.5]]  # 0.3 itself is easy
+
+
+def test_mixdpo_two_stages_through_train_py(tmp_path, cache_dir, monkeypatch):
+    """--loss mixdpo on 13 scored pairs, batch 4, 2 epochs: the steps train the easy pairs easy -> hard twice (batches
+    of 4 and 3: the partial batch trains), then the difficult ones twice (4 and 2), 26 pairs in all. Each logged row's
+    sft_fraction is the share of its pairs trained with SFT: 0 in stage 1, 1 in stage 2. Routing SimPO with
+    --order per-epoch alternates instead: easy -> hard over all pairs each epoch, [4, 4, 5]."""
+    rows = [dict(prompt=f"Sort these numbers: {i + 10} {i}", chosen=f"{i} {i + 10}", rejected=f"{i + 10} {i}",
+                 score_chosen=5.0 + m, score_rejected=5.0) for i, m in enumerate(MARGINS)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen, real = [], train.train_step
+
+    def spy(scorer, opt, scaler, micro_batches, loss, **kw):
+        seen.append([round(float(m), 4) for b in micro_batches for m in b["chosen_scores"] - b["rejected_scores"]])
+        assert kw["batch_size"] == len(seen[-1])  # a partial batch's loss is the mean over its own pairs
+        return real(scorer, opt, scaler, micro_batches, loss, **kw)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    common = ["--data", str(path), "--eval-split", "", "--batch-size", "4", "--epochs", "2", "--log-every", "1"]
+    out = demo(tmp_path / "mixdpo", cache_dir, "--loss", "mixdpo", *common)
+    easy, hard = [[3.0, 2.5, 2.0, 1.5], [1.0, 0.75, 0.5]], [[0.4, 0.3, 0.2, 0.1], [0.0, -0.5]]
+    assert seen == easy + easy + hard + hard
+    assert [r["sft_fraction"] for r in out["history"]] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [r["epoch"] for r in out["history"]] == [2 * s / 8 for s in range(1, 9)]
+    seen.clear()
+    out = demo(tmp_path / "routed", cache_dir, "--loss", "simpo", "--route-difficult", "--order", "per-epoch", *common)
+    per_epoch = [[3.0, 2.5, 2.0, 1.5], [1.0, 0.75, 0.5, 0.4], [0.3, 0.2, 0.1, 0.0, -0.5]]
+    assert seen == per_epoch * 2
+    assert [r["sft_fraction"] for r in out["history"]] == [0, 0.25, 1] * 2
+    rows = [json.loads(line) for line in open(tmp_path / "routed" / "metrics.jsonl")]
+    assert [r["sft_fraction"] for r in rows] == [0, 0.25, 1] * 2
+
+
+def test_mixdpo_flags_are_checked_at_parse_time():
+    with pytest.raises(SystemExit):
+        train.get_args(["--loss", "dpo", "--order", "two-stage"])  # no difficulty without MixDPO
+    with pytest.raises(SystemExit):
+        train.get_args(["--loss", "mixdpo", "--route-difficult"])  # mixdpo routes itself
+    with pytest.raises(SystemExit):
+        train.get_args(["--loss", "simpo", "--difficulty-threshold", "1"])  # only with --route-difficult
+    with pytest.raises(SystemExit):
+        train.get_args(["--loss", "simpo", "--route-difficult", "--difficulty", "rating"])  # the routing rule refuses it
+    args = train.get_args(["--loss", "simpo", "--route-difficult", "--difficulty-threshold", "1"])
+    assert args.route == {"difficulty_threshold": 1.0, "difficulty": "score"} and args.order == "two-stage"
+    assert args.hparams == {"beta": 2.0, "gamma_beta_ratio": 0.5}
+    assert train.get_args(["--loss", "amapo", "--no-adaptive", "--amapo-form", "paper"]).hparams["adaptive"] is False
+    assert train.get_args(["--loss", "lmpo", "--lmpo-margin-grad"]).hparams["lmpo_margin_grad"] is True
+    assert train.get_args(["--loss", "margin_sigmoid", "--softplus-hinge", "--delta", "0.8"]).hparams["delta"] == 0.8
