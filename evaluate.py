@@ -135,12 +135,17 @@ def load_prompts(bench: str) -> tuple[str, list[dict]]:
             raise UserError(f"cannot download {hub[bench][1]} of the Hub dataset {hub[bench][0]} "
                             f"({type(e).__name__}); download it elsewhere and pass --bench PATH.json[l]") from None
     rows, out = data.read_records(bench), []
-    kind = "mt_bench" if rows and isinstance(rows[0].get("turns", rows[0].get("prompt")), list) else "alpaca"
+    if not rows:
+        raise UserError(f"{bench}: no prompts in the file")
+    first = rows[0] if isinstance(rows[0], dict) else {}
+    kind = "mt_bench" if isinstance(first.get("turns", first.get("prompt")), list) else "alpaca"
     for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise UserError(f"{bench}: row {i}: expected a JSON object, got {type(r).__name__}")
         if kind == "mt_bench":
             turns = r.get("turns", r.get("prompt"))  # FastChat's key, or the Hub copy's renamed one
-            if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-                raise UserError(f"{bench}: row {i}: 'turns' must be a non-empty list of strings (FastChat format)")
+            if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
+                raise UserError(f"{bench}: row {i}: 'turns' must be a list of non-empty strings (FastChat format)")
             out.append({"question_id": r.get("question_id", r.get("prompt_id", i)), "turns": turns})
         else:
             text = r.get("instruction", r.get("prompt"))
@@ -153,27 +158,30 @@ def load_prompts(bench: str) -> tuple[str, list[dict]]:
 
 def cmd_generate(args) -> dict:
     """`evaluate.py generate`: answers to every prompt of the benchmark, written in its format, and their lengths."""
-    policy, tok = load_policy(args, data.DTYPES[args.dtype])
-    sampling = generate.sampling_config(policy.source_dir) if args.sampling else generate.GREEDY
-    eos_ids = generate.stop_ids(policy, tok)
     kind, rows = load_prompts(args.bench)
     rows = rows[:args.limit] if args.limit else rows
+    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    dtype = args.dtype or ("bf16" if on_cuda else "fp32")
+    policy, tok = load_policy(args, data.DTYPES[dtype])
+    sampling = generate.sampling_config(policy.source_dir) if args.sampling else generate.GREEDY
+    stop_ids, stop_strings = generate.stops(policy, tok)
     name = args.name or "-".join(Path(args.model).parts[-2:])  # runs/dpo/final -> dpo-final
-    print(f"generate: {len(rows)} {kind} prompts, generator={name}, sampling={sampling}, eos={eos_ids}")
-    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos_ids,
-              seed=args.seed)
+    print(f"generate: {len(rows)} {kind} prompts, generator={name}, {dtype}, sampling={sampling}, "
+          f"stop ids={stop_ids}, stop strings={stop_strings}")
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+              stop_strings=stop_strings, seed=args.seed, compile=args.compile)
     turns = [r["turns"] if kind == "mt_bench" else [r["instruction"]] for r in rows]
-    convs, answers, ntok, secs = [[] for _ in rows], [[] for _ in rows], [], 0.0
+    convs, answers, ntok, secs, cut = [[] for _ in rows], [[] for _ in rows], [], 0.0, 0
     for t in range(max(map(len, turns), default=0)):  # turn t+1 is conditioned on the model's own turn-t answer
         live = [i for i in range(len(rows)) if t < len(turns[i])]
         for i in live:
             convs[i].append({"role": "user", "content": turns[i][t]})
         prompts = [data.render_chatml(convs[i], add_generation_prompt=True) for i in live]
-        texts, n, s = generate.generate_texts(policy, tok, prompts, **kw)
+        texts, n, s, c = generate.generate_texts(policy, tok, prompts, **kw)
         for i, a in zip(live, texts):
             convs[i].append({"role": "assistant", "content": a})
             answers[i].append(a)
-        ntok, secs = ntok + n, secs + s
+        ntok, secs, cut = ntok + n, secs + s, cut + c
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if kind == "alpaca":
@@ -190,11 +198,12 @@ def cmd_generate(args) -> dict:
     stats = {"bench": args.bench, "kind": kind, "generator": name, "n_prompts": len(rows), "n_answers": len(chars),
              "tokens": length_stats(ntok), "chars": length_stats(chars), "generated_tokens": sum(ntok),
              "hit_max_new_tokens": sum(n >= args.max_new_tokens for n in ntok), "generate_seconds": secs,
-             "tokens_per_s": sum(ntok) / max(secs, 1e-9), "sampling": sampling, "args": vars(args)}
+             "tokens_per_s": sum(ntok) / max(secs, 1e-9), "truncated_prompts": cut, "dtype": dtype,
+             "sampling": sampling, "stop_ids": stop_ids, "stop_strings": stop_strings, "args": vars(args)}
     (out / "generation_stats.json").write_text(json.dumps(stats, indent=2))
-    print(f"wrote {path}\nanswer tokens {stats['tokens']}\nanswer chars  {stats['chars']}\n"
-          f"{stats['hit_max_new_tokens']} answers hit --max-new-tokens; {sum(ntok)} tokens in {secs:.1f} s "
-          f"= {stats['tokens_per_s']:.1f} tokens/s")
+    print(f"wrote {path}\nanswer tokens {stats['tokens']}\nanswer chars  {stats['chars']}\n{cut} prompts longer than "
+          f"the context minus --max-new-tokens kept their end; {stats['hit_max_new_tokens']} answers hit "
+          f"--max-new-tokens; {sum(ntok)} tokens in {secs:.1f} s = {stats['tokens_per_s']:.1f} tokens/s")
     return stats
 
 
@@ -294,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--model", required=True, help="checkpoint folder or Hub model id")
         g.add_argument("--revision", default=None, help="Hub revision of --model")
         g.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
-        g.add_argument("--dtype", choices=list(data.DTYPES), default="fp32", help="prefs: autocast dtype of the "
-                       "forward passes (weights stay fp32, as in training); generate: weight dtype (bf16 on GPUs)")
-        g.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass / prompts per batch")
+        g.add_argument("--dtype", choices=list(data.DTYPES), default="fp32" if name == "prefs" else None,
+                       help="prefs: autocast dtype of the forward passes (weights stay fp32, as in training); "
+                       "generate: weight and KV-cache dtype (None: bf16 on CUDA, fp32 on CPU)")
+        g.add_argument("--batch-size", type=int, default=8, help="prefs: pairs per forward pass; generate: sequences "
+                       "decoded at once (a finished one's row goes to the next prompt; KV cache memory grows with it)")
     g = sub.choices["prefs"].add_argument_group("prefs")
     g.add_argument("--data", required=True, help="local .jsonl/.json/.parquet or Hub dataset id (data.load_rows)")
     g.add_argument("--split", default="test", help="dataset split")
@@ -315,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="generator / model_id in the outputs (None: last 2 path parts)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="answer token cap per turn")
     g.add_argument("--sampling", action="store_true", help="sample as the model's generation_config.json says")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (batch s uses seed + s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i of a turn uses seed + i, whatever "
+                   "its batch)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (costs compile time; on "
+                   "CUDA the step is replayed as a CUDA graph with or without it)")
     g.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
 
     sp = sub.add_parser("judge", help="pairwise win rate and LC win rate via an OpenAI-compatible endpoint",

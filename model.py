@@ -27,8 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 class UserError(Exception):
-    """A mistake in what the user gave (a file, folder, row, flag), raised where it is found; the CLIs print it as
-    one line and exit with status 2 (data.run_cli). Anything else is a bug and keeps its traceback."""
+    """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (data.run_cli)."""
 
 
 @dataclass
@@ -118,19 +117,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # write this step into the preallocated cache, attend over everything written so far
-            kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
-            k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
-        # enable_gqa: query head h reads kv head h // (n_head / n_kv), as HF's repeat_kv, without copying k/v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if kv is not None:  # write row b's keys/values at its cache slots[b], attend over the whole cache (masked)
+            at = (torch.arange(B, device=x.device)[:, None], slice(None), slots)  # index_put_: in place when compiled
+            kv[0][at], kv[1][at] = k.transpose(1, 2), v.transpose(1, 2)
+            k, v = kv
+        # Query head h reads kv head h // g (HF's repeat_kv) through enable_gqa; a decode step (one query per row) puts
+        # each kv head's g query heads on the query axis instead: CUDA's masked kernels take no grouped heads.
+        g = self.n_head // self.n_kv if kv is not None and T == 1 else 1
+        y = F.scaled_dot_product_attention(q.reshape(B, self.n_head // g, g * T, -1), k, v, attn_mask=mask,
+                                           is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_head // g)
+        return self.o_proj(y.reshape(B, self.n_head, T, -1).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -151,8 +153,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -223,17 +225,17 @@ class Qwen2(nn.Module):
         self.source_dir = None  # the folder loaded from: save_pretrained copies its tokenizer files
 
     def decoder(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None = None,
-                kv_cache: list[Tensor] | None = None, start: int = 0) -> Tensor:
+                kv_cache: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Final-normed hidden states [B, T, D] of input_ids [B, T] at position_ids [B, T]. mask: [B, 1, T, S] bool
-        (True = may attend) or None for causal. kv_cache (generate.py): per layer a [2, B, n_kv, S, head_dim]
-        buffer; this call writes its keys/values at slots start..start+T-1 and attends over slots < start+T."""
+        (True = may attend) or None for causal. kv_cache (generate.py): per layer (keys, values), [B, n_kv, S, head_dim]
+        each, 0 where unwritten; a token's keys/values go to slot = its position id, the mask picks the slots read."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], start)
+                x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], position_ids)
         return self.model.norm(x)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,

@@ -112,7 +112,8 @@ def speed_rows(args, config):
             with torch.no_grad():
                 out["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        ours_gen = lambda: out.update(ours=generate_ids(ours, prompt, max_new_tokens=n, eos_token_ids=()))  # noqa: E731
+        ours_gen = lambda: out.update(ours=generate_ids(ours, prompt.tolist(), n, batch_size=B, stop_ids=(),  # noqa: E731
+                                                        progress=False))
         t_ours, t_hf = timed([ours_gen] + ([hf_gen] if hf else []), dev, args.repeats)
         same = "" if not hf else "same tokens" if out["hf"][:, args.prompt_len:].tolist() == out["ours"] else "differ"
         rows.append(("generate (greedy)", B, f"{B}x({args.prompt_len}+{n})", B * n / t_ours, B * n / t_hf, same))

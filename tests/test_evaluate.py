@@ -181,7 +181,7 @@ def chatty_model_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_generate_alpaca_format_and_batching(chatty_model_dir, tmp_path):
-    """model_outputs.json is AlpacaEval's format, in input order, and batching (length-sorted, left-padded) gives
+    """model_outputs.json is AlpacaEval's format, in input order, and continuous batching (3 rows for 5 prompts) gives
     the same greedy answers as one prompt at a time."""
     prompts = [{"instruction": "Hello, how are you?", "dataset": "helpful_base"},
                {"instruction": "Why is the sky blue"}, {"prompt": "Explain " + "the water cycle " * 6},
@@ -206,6 +206,7 @@ def test_generate_alpaca_format_and_batching(chatty_model_dir, tmp_path):
     assert saved["n_answers"] == 5 and saved["tokens"]["n"] == 5 and 0 < saved["tokens"]["mean"] <= 12
     assert saved["chars"]["mean"] == pytest.approx(np.mean([len(r["output"]) for r in rows]))
     assert saved["tokens_per_s"] > 0 and saved["generated_tokens"] == pytest.approx(5 * saved["tokens"]["mean"])
+    assert saved["dtype"] == "fp32" and saved["truncated_prompts"] == 0  # --dtype None on a CPU: fp32
 
 
 def test_generate_mt_bench_second_turn_sees_first_answer(chatty_model_dir, tmp_path, monkeypatch):
@@ -217,10 +218,9 @@ def test_generate_mt_bench_second_turn_sees_first_answer(chatty_model_dir, tmp_p
     bench.write_text("".join(json.dumps(q) + "\n" for q in questions))
     tok, seen, original = data.load_tokenizer(chatty_model_dir), [], generate.generate_ids
 
-    def spy(model, input_ids, attention_mask=None, **kw):
-        seen.extend(tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False)
-                    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()))
-        return original(model, input_ids, attention_mask, **kw)
+    def spy(model, prompts, *args, **kw):
+        seen.extend(tok.decode(p, skip_special_tokens=False) for p in prompts)
+        return original(model, prompts, *args, **kw)
     monkeypatch.setattr(generate, "generate_ids", spy)
     evaluate.main(["generate", "--model", str(chatty_model_dir), "--bench", str(bench), "--out", str(tmp_path / "mt"),
                    "--max-new-tokens", "10", "--batch-size", "2", "--name", "tiny-mt"])
@@ -237,16 +237,81 @@ def test_generate_mt_bench_second_turn_sees_first_answer(chatty_model_dir, tmp_p
     assert len(seen) == 6
 
 
-def test_generate_bad_bench_rows(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "ok"}\n{"text": "no instruction"}\n')
-    with pytest.raises(UserError, match=r"bad.jsonl: row 2: needs a non-empty string 'instruction'"):
-        evaluate.load_prompts(str(bad))
+def test_generate_bad_input(chatty_model_dir, tmp_path):
+    """Each mistake is one UserError naming the file and row, or the flag."""
+    cases = {"bad.jsonl": ('{"instruction": "ok"}\n{"text": "no instruction"}\n',
+                           r"bad.jsonl: row 2: needs a non-empty string 'instruction'"),
+             "empty.jsonl": ("", r"empty.jsonl: no prompts in the file"),
+             "list.json": ('[{"instruction": "ok"}, "just a string"]', r"list.json: row 2: expected a JSON object"),
+             "mt.jsonl": ('{"turns": ["a", "b"]}\n{"turns": ["a", " "]}\n', r"mt.jsonl: row 2: 'turns' must be")}
+    for name, (text, error) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=error):
+            evaluate.load_prompts(str(tmp_path / name))
+    (tmp_path / "ok.jsonl").write_text('{"instruction": "ok"}\n')
+    argv = ["generate", "--model", str(chatty_model_dir), "--bench", str(tmp_path / "ok.jsonl"), "--out",
+            str(tmp_path / "o"), "--max-new-tokens"]
+    with pytest.raises(UserError, match=r"--max-new-tokens 2048: must be 1 to 2047, .* context of 2048 tokens"):
+        evaluate.main(argv + ["2048"])  # the tiny model's max_position_embeddings is 2048
+    with pytest.raises(UserError, match=r"--batch-size 0: must be at least 1"):
+        evaluate.main(argv + ["4", "--batch-size", "0"])
+
+
+def test_generate_long_prompt_keeps_its_end(chatty_model_dir, tmp_path):
+    """With a context of 128 tokens and --max-new-tokens 8, a rendered prompt of more than 120 tokens keeps its last
+    120 (counted); the answer is the one to those 120 tokens, not to the first 120. The short one (72) is untouched."""
+    import shutil
+
+    import data
+    from model import Qwen2
+    model_dir = tmp_path / "m"
+    shutil.copytree(chatty_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    long = "Tell me " + "about the sea and the sky " * 12
+    bench = tmp_path / "p.jsonl"
+    bench.write_text(json.dumps({"instruction": long}) + "\n" + json.dumps({"instruction": "Hi"}) + "\n")
+    stats = evaluate.main(["generate", "--model", str(model_dir), "--bench", str(bench), "--out", str(tmp_path / "o"),
+                           "--max-new-tokens", "8"])
+    assert stats["truncated_prompts"] == 1
+    tok, model = data.load_tokenizer(model_dir), Qwen2.from_pretrained(model_dir)
+    ids = tok.encode(data.render_chatml([{"role": "user", "content": long}], add_generation_prompt=True),
+                     add_special_tokens=False).ids
+    assert len(ids) > 120
+    stop_ids = generate.stops(model, tok)[0]
+    end, start = (generate.generate_ids(model, [x], 8, stop_ids=stop_ids)[0] for x in (ids[-120:], ids[:120]))
+    assert end != start
+    output = json.loads((tmp_path / "o" / "model_outputs.json").read_text())[0]["output"]
+    assert output == tok.decode(end, skip_special_tokens=True).strip()
+
+
+def test_generate_stop_strings_and_eos_from_generation_config(chatty_model_dir, tmp_path):
+    """generation_config.json's eos_token_id and stop_strings end answers; the text ends before the stop string."""
+    import shutil
+
+    import data
+    from model import Qwen2
+    model_dir = tmp_path / "m"
+    shutil.copytree(chatty_model_dir, model_dir)
+    bench = tmp_path / "p.jsonl"
+    bench.write_text("".join(json.dumps({"instruction": f"Say something {i}."}) + "\n" for i in range(3)))
+    argv = ["generate", "--model", str(model_dir), "--bench", str(bench), "--max-new-tokens", "24", "--out"]
+    before = evaluate.main(argv + [str(tmp_path / "a")])
+    first = json.loads((tmp_path / "a" / "model_outputs.json").read_text())[0]["output"]
+    stop = first[len(first) // 2:len(first) // 2 + 3]
+    assert len(stop) == 3 and stop.strip() == stop  # the check is not vacuous
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [7], "stop_strings": stop}))
+    tok = data.load_tokenizer(model_dir)
+    im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    assert generate.stops(Qwen2.from_pretrained(model_dir), tok) == ((7, im_end, eot), (stop,))
+    after = evaluate.main(argv + [str(tmp_path / "b")])
+    assert json.loads((tmp_path / "b" / "model_outputs.json").read_text())[0]["output"] == first.split(stop)[0].strip()
+    assert list(after["stop_strings"]) == [stop] and after["generated_tokens"] < before["generated_tokens"]
 
 
 def test_generate_sampling_from_generation_config(chatty_model_dir, tmp_path, capsys):
     """--sampling reads temperature/top_k/top_p from generation_config.json (unsupported keys reported); the seed
-    makes it reproducible."""
+    makes it reproducible, whatever the batch size."""
     import shutil
     model_dir = tmp_path / "m"
     shutil.copytree(chatty_model_dir, model_dir)
@@ -257,9 +322,9 @@ def test_generate_sampling_from_generation_config(chatty_model_dir, tmp_path, ca
     bench = tmp_path / "p.jsonl"
     bench.write_text("".join(json.dumps({"instruction": f"Say something {i}."}) + "\n" for i in range(3)))
     outs = []
-    for seed in ("0", "0", "1"):
+    for seed, bs in (("0", "8"), ("0", "1"), ("1", "8")):  # batch size 1: the same answers (a seed per prompt)
         argv = ["generate", "--model", str(model_dir), "--bench", str(bench), "--out", str(tmp_path / "o"),
-                "--max-new-tokens", "16", "--sampling", "--seed", seed]
+                "--max-new-tokens", "16", "--sampling", "--seed", seed, "--batch-size", bs]
         assert evaluate.main(argv)["sampling"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8}
         outs.append([r["output"] for r in json.loads((tmp_path / "o" / "model_outputs.json").read_text())])
     assert outs[0] == outs[1] and outs[0] != outs[2]
