@@ -26,8 +26,8 @@ import data
 from model import Qwen2, UserError
 
 # Arguments that do not change what is trained: they may differ when a run is resumed.
-RESUME_FREE = {"resume", "overwrite", "out_dir", "device", "compile", "grad_checkpointing", "logps_chunk_size", "log_every",
-               "eval_every", "save_every", "nan_patience", "cache_dir", "micro_batch_size"}
+RESUME_FREE = {"resume", "overwrite", "out_dir", "device", "compile", "grad_checkpointing", "logps_chunk_size",
+               "pack_tokens", "log_every", "eval_every", "save_every", "nan_patience", "cache_dir", "micro_batch_size"}
 
 
 def _fsync_dir(folder: Path) -> None:

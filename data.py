@@ -21,18 +21,19 @@ Truncation (defaults of Yao et al. 2025, max_length 1024, max_prompt_length 256)
 from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
 and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
 
-Batches (collate) hold each pair's two sequences in one forward pass; pair_logps is the one place that splits
-them back into per-pair tensors named as losses.compute reads them. make_batches buckets pairs by length;
-curriculum_batches gives MixDPO's orders (two stages easy -> hard, and the paper's ablations), training every pair.
+Batches are packed (packing.py: one segment prompt ‖ chosen ‖ rejected per pair, several to a row); pair_logps is
+the one place that turns a packed batch into per-pair tensors named as losses.compute reads them. make_batches
+buckets pairs by size; curriculum_batches gives MixDPO's orders (two stages easy -> hard, and the paper's
+ablations), training every pair.
 
 Reference cache (`python data.py --model M --data D --split S --out DIR`, or ref_cache() from training): DIR/
 ref_logps.safetensors (float32 ref_chosen_logps, ref_rejected_logps = summed completion log-probs; long index =
 source row of each kept pair) and DIR/meta.json, the header checked on load and the commit marker, written last.
 """
 import argparse
+import functools
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -49,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+import packing
 from model import TOKENIZER_FILES, Qwen2, UserError
 
 DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
@@ -56,7 +58,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TEMPLATE_ID = "qwen2.5-chatml/v1"  # bump when rendering or the prompt/completion split changes: invalidates caches
 CACHE_FORMAT = 1
-PAD_TOKEN = "<|endoftext|>"  # Qwen's pad token; its id is what collate() pads with
+PAD_TOKEN = "<|endoftext|>"  # Qwen's pad token; its id is what packing.pack pads rows with
 CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha256", "max_length",
               "max_prompt_length", "template", "dtype")  # a cache is reused iff all of these match
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -326,46 +328,26 @@ def tokenize_pairs(rows, tokenizer: Tokenizer, max_length: int = 1024, max_promp
     return pairs, counts
 
 
-def collate(pairs: list[Pair], pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """One forward pass for both sides: input_ids, attention_mask (0/1), loss_mask (bool: completion tokens)
-    [2B, T] with rows 0..B-1 = prompt+chosen and B..2B-1 = prompt+rejected, right-padded; per pair [B]:
-    chosen_lens, rejected_lens (completion token counts), chosen_scores, rejected_scores (nan where absent) and,
-    when every pair has them, ref_chosen_logps, ref_rejected_logps (float32). On `device` if given."""
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    total = torch.tensor([len(s) for s in seqs])
-    comp = torch.tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs])
-    input_ids = torch.full((len(seqs), int(total.max())), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        input_ids[b, :len(s)] = torch.tensor(s)
-    t = torch.arange(input_ids.shape[1])
-    batch = dict(input_ids=input_ids, attention_mask=(t < total[:, None]).long(),
-                 loss_mask=(t < total[:, None]) & (t >= (total - comp)[:, None]))
-    for side in ("chosen", "rejected"):
-        batch[f"{side}_lens"] = torch.tensor([len(getattr(p, f"{side}_ids")) for p in pairs])
-        scores = [getattr(p, f"score_{side}") for p in pairs]
-        batch[f"{side}_scores"] = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
-        if all(getattr(p, f"ref_{side}_logps") is not None for p in pairs):
-            batch[f"ref_{side}_logps"] = torch.tensor([getattr(p, f"ref_{side}_logps") for p in pairs])
-    return batch if device is None else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def pair_logps(score, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch's per-pair tensors plus the policy's summed completion log-probs S(y) split by side:
-    "chosen_logps", "rejected_logps" [B] fp32, i.e. what losses.compute reads. `score(input_ids, attention_mask,
-    loss_mask) -> [2B]` is model.sequence_logps, or train.py's (DDP-wrapped) Scorer."""
-    logps = score(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
+    """A packed batch's per-pair tensors plus the policy's summed completion log-probs S(y) split by side:
+    "chosen_logps", "rejected_logps" [B] fp32, i.e. what losses.compute reads. `score(**layout, n_seqs=2B) -> [2B]`
+    (chosen answers first) is packing.packed_logps with its model, or train.py's (DDP-wrapped) Scorer."""
+    logps = score(**{k: batch[k] for k in packing.LAYOUT}, n_seqs=2 * len(batch["chosen_lens"])).float()
     chosen, rejected = logps.chunk(2)
-    return {**{k: v for k, v in batch.items() if v.dim() == 1}, "chosen_logps": chosen, "rejected_logps": rejected}
+    pairs = {k: v for k, v in batch.items() if k not in packing.LAYOUT}
+    return {**pairs, "chosen_logps": chosen, "rejected_logps": rejected}
 
 
 @torch.no_grad()
-def score_pairs(score, pairs: list[Pair], pad_id: int, batch_size: int, device, dtype: str = "fp32",
-                desc: str = "log-probs") -> dict[str, torch.Tensor]:
-    """pair_logps of every pair under autocast(dtype), in pair order ([N] tensors on the CPU). Batches go
-    longest first, so an out-of-memory shows at once; tqdm shows pairs/s."""
+def score_pairs(model: Qwen2, pairs: list[Pair], pad_id: int, batch_size: int, device, dtype: str = "fp32",
+                budget: int = 2048, desc: str = "log-probs") -> dict[str, torch.Tensor]:
+    """pair_logps of every pair under autocast(dtype), packed `batch_size` pairs at a time into rows of at most
+    `budget` tokens, in pair order ([N] tensors on the CPU). Batches go longest first, so an out-of-memory shows at
+    once; tqdm shows the progress."""
     parts, batches = [], make_batches(pairs, batch_size, shuffle=False)[::-1]
+    score = functools.partial(packing.packed_logps, model)
     for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
-        batch = collate([pairs[i] for i in idx], pad_id, device)
+        batch = packing.pack([pairs[i] for i in idx], pad_id, budget, device)
         with autocast(device, dtype):
             parts.append({k: v.cpu() for k, v in pair_logps(score, batch).items()})
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
@@ -375,24 +357,12 @@ def score_pairs(score, pairs: list[Pair], pad_id: int, batch_size: int, device, 
     return {k: v[inverse] for k, v in out.items()}
 
 
-def pair_length(p: Pair) -> int:
-    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-
-
-def padding_fraction(pairs: list[Pair], batches: list[list[int]]) -> float:
-    """Fraction of the collated [2B, T] token slots that are padding, over all batches."""
-    real = padded = 0
-    for batch in batches:
-        lens = [len(pairs[i].prompt_ids) + len(c) for i in batch for c in (pairs[i].chosen_ids, pairs[i].rejected_ids)]
-        real, padded = real + sum(lens), padded + len(lens) * max(lens)
-    return 1 - real / padded if padded else 0.0
-
-
 def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: bool = True, order: str = "length",
                  chunk_batches: int = 64) -> list[list[int]]:
-    """Lists of indices into pairs, deterministic given seed (`padding_fraction` reports what they cost).
-    order="length": shuffle, then sort by length within mega-chunks of chunk_batches batches, cut into batches
-      and shuffle the batches (shuffle=False: one global sort, shortest first) so padding stays small.
+    """Lists of indices into pairs, deterministic given seed (`packing.padding_fraction` reports what they cost).
+    order="length": shuffle, then sort by packed size (prompt + chosen + rejected) within mega-chunks of
+      chunk_batches batches, cut into batches and shuffle the batches (shuffle=False: one global sort, shortest
+      first), so that packed rows come out nearly full.
     order="margin": MixDPO's easy -> hard order over all pairs (`curriculum_batches`' "per-epoch")."""
     if order == "margin":
         return curriculum_batches(pairs, batch_size, 0, epochs=1, order="per-epoch", seed=seed, shuffle=shuffle)
@@ -405,7 +375,7 @@ def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: 
     chunk = batch_size * chunk_batches if shuffle else max(len(idx), 1)
     batches = []
     for k in range(0, len(idx), chunk):
-        part = sorted(idx[k:k + chunk], key=lambda i: pair_length(pairs[i]))
+        part = sorted(idx[k:k + chunk], key=lambda i: packing.size(pairs[i]))
         batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
     if shuffle:
         rng.shuffle(batches)
@@ -413,7 +383,7 @@ def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: 
 
 
 def difficulty_margins(pairs: list[Pair], difficulty: str = "score") -> list[float]:
-    """MixDPO's difficulty margin of each pair, as `losses.difficult` computes it from a collated batch (in float32,
+    """MixDPO's difficulty margin of each pair, as `losses.difficult` computes it from a packed batch (in float32,
     so that the order and the loss agree on a margin at τ): score_chosen - score_rejected ("score"), or the
     reference's log-likelihood margin ref_chosen_logps - ref_rejected_logps ("ref_margin")."""
     fields = ("score_chosen", "score_rejected") if difficulty == "score" else ("ref_chosen_logps", "ref_rejected_logps")
@@ -528,8 +498,8 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
             print(f"ref cache: {out} is stale ({'; '.join(diff)}); rebuilding")
         model = Qwen2.from_pretrained(model_dir).to(device)
         print(f"ref cache: {model_name_or_path} on {device} in {compute} (asked {dtype}), batch {batch_size}")
-        t0, n_tokens = time.time(), sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-        logps = score_pairs(model.sequence_logps, pairs, tok.token_to_id(PAD_TOKEN), batch_size, device, compute,
+        t0, n_tokens = time.time(), sum(map(packing.size, pairs))
+        logps = score_pairs(model, pairs, tok.token_to_id(PAD_TOKEN), batch_size, device, compute, 2 * max_length,
                             desc="ref logps")
         tensors = {"ref_chosen_logps": logps["chosen_logps"], "ref_rejected_logps": logps["rejected_logps"],
                    "index": torch.tensor([p.row for p in pairs], dtype=torch.long)}

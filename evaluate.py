@@ -109,8 +109,8 @@ def cmd_prefs(args) -> dict:
     reward = "beta*(S-S_ref)" if key in losses.NEEDS_REF else "beta*S/|y|"
     print(f"prefs: {len(pairs)} pairs (max_length {max_len}, max_prompt_length {max_prompt}), loss {key}, "
           f"reward {reward}, {hparams}")
-    t = data.score_pairs(policy.sequence_logps, pairs, tok.token_to_id(data.PAD_TOKEN), args.batch_size,
-                         next(policy.parameters()).device, args.dtype)
+    t = data.score_pairs(policy, pairs, tok.token_to_id(data.PAD_TOKEN), args.batch_size,
+                         next(policy.parameters()).device, args.dtype, budget=2 * max_len)
     res = {"reward": reward, "beta": hparams.get("beta", 1.0), **preference_metrics(score(key, t, hparams)[1]),
            "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args)}
     if args.loss:

@@ -1,6 +1,5 @@
 """Qwen2 / Qwen2.5 (default: Qwen2.5-0.5B-Instruct) in plain PyTorch, numerically equal to Hugging Face's
-`Qwen2ForCausalLM`, with memory-light log-probs and strict safetensors load/save of local folders (data.py
-resolves Hub ids to folders; generate.py decodes with a KV cache).
+`Qwen2ForCausalLM`, with memory-light log-probs and strict safetensors load/save of local folders.
 
 Architecture (Qwen2 tech report, arXiv:2407.10671): pre-norm decoder; RMSNorm (Zhang & Sennrich 2019); grouped-query
 attention (Ainslie et al. 2023) with q/k/v biases and no o_proj bias; RoPE (Su et al. 2021) in HF's half-split
@@ -9,6 +8,7 @@ Precision: RoPE angles, RMSNorm statistics, softmax (inside SDPA) and log-probs 
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import asdict, dataclass, fields
@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+_flex_compiled = functools.cache(lambda: torch.compile(flex_attention, dynamic=False))  # built on first CUDA use
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
@@ -55,8 +57,7 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "Qwen2Config":
-        """From a config.json dict: unknown keys ignored, features not implemented here rejected. Reads both the
-        Qwen/transformers-4 keys (rope_theta, torch_dtype) and transformers-5's (rope_parameters.rope_theta, dtype)."""
+        """From a config.json dict (transformers 4 or 5 names): unknown keys ignored, unimplemented features refused."""
         if d.get("model_type") != "qwen2":
             raise UserError(f"{source}: model_type is {d.get('model_type')!r}; model.py implements only 'qwen2'")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -81,8 +82,7 @@ def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Ten
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x2, x1): half-split, not interleaved pairs. In fp32
-    (HF first rounds cos/sin to the activation dtype; identical in fp32, slightly more exact in bf16/fp16)."""
+    """x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1) (HF's half split, not interleaved pairs), in fp32."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
@@ -130,8 +130,12 @@ class Attention(nn.Module):
         # Query head h reads kv head h // g (HF's repeat_kv) through enable_gqa; a decode step (one query per row) puts
         # each kv head's g query heads on the query axis instead: CUDA's masked kernels take no grouped heads.
         g = self.n_head // self.n_kv if kv is not None and T == 1 else 1
-        y = F.scaled_dot_product_attention(q.reshape(B, self.n_head // g, g * T, -1), k, v, attn_mask=mask,
-                                           is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_head // g)
+        if isinstance(mask, BlockMask):  # packed pairs (packing.py): FlexAttention skips blocks with nothing allowed
+            flex = _flex_compiled() if x.is_cuda else flex_attention  # eager: a slow reference, for the CPU tests
+            y = flex(q, k, v, block_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        else:
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_head // g, g * T, -1), k, v, attn_mask=mask,
+                                               is_causal=mask is None and T > 1, enable_gqa=g * self.n_kv < self.n_head)
         return self.o_proj(y.reshape(B, self.n_head, T, -1).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -198,10 +202,9 @@ class _TokenLogps(torch.autograd.Function):
 
 
 def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
-    """[N] fp32 log p(targets[n] | hidden[n]) = (h W^T)[t] - logsumexp(h W^T), hidden [N, D], weight [V, D].
-    No [N, V] tensor in forward or backward: logits exist one [chunk_size, V] block at a time (recomputed in backward).
-    The matmul runs in the autocast dtype when autocast is on (else in the inputs' promoted dtype); logsumexp in fp32.
-    Gradients flow to hidden and weight (for tied embeddings that is embed_tokens.weight)."""
+    """[N] fp32 log p(targets[n] | hidden[n]) = (h W^T)[t] - logsumexp(h W^T), hidden [N, D], weight [V, D]. No [N, V]
+    tensor in forward or backward: logits exist one [chunk_size, V] block at a time (recomputed in backward). The
+    matmul runs in the autocast dtype (else the inputs'), logsumexp in fp32; gradients reach hidden and weight."""
     dev = hidden.device.type
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else torch.promote_types(hidden.dtype, weight.dtype))
@@ -240,8 +243,7 @@ class Qwen2(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None) -> Tensor:
-        """Final-normed hidden states [B, T, D]. With padding, positions are cumsum(mask) - 1 so that a sequence
-        gives the same result whatever padding surrounds it (left or right)."""
+        """Final-normed hidden states [B, T, D]; with padding, positions are cumsum(mask) - 1 (left or right alike)."""
         B, T = input_ids.shape
         padded = attention_mask is not None and not attention_mask.all()
         mask = attention_mask_4d(attention_mask.bool(), torch.arange(T, device=input_ids.device)) if padded else None
@@ -268,10 +270,9 @@ class Qwen2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32) -> "Qwen2":
-        """Load a local folder's config.json + model.safetensors (or the shards of model.safetensors.index.json),
-        strictly: a missing/unexpected key or a shape mismatch is a UserError naming it. Tied embeddings:
-        `lm_head.weight` absent (tie_word_embeddings=true); if present anyway it must equal the embedding. Nothing is
-        ever unpickled. (Hub ids: data.load_model downloads the folder first.)"""
+        """A local folder's config.json + model.safetensors (or model.safetensors.index.json's shards), strictly: a
+        missing/unexpected key or a wrong shape is a UserError naming it. Tied embeddings: lm_head.weight absent, or
+        equal to the embedding. Nothing is unpickled. (data.load_model downloads Hub ids first.)"""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder}: not a model folder (no config.json)")
@@ -316,9 +317,8 @@ class Qwen2(nn.Module):
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
               if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
         config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **asdict(self.config),
-                  "torch_dtype": dtype}
+                  "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES if self.source_dir else ():
             src = Path(self.source_dir) / name

@@ -30,6 +30,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import losses
+import packing
 import recipes
 from model import Qwen2, Qwen2Config, UserError
 
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
     g.add_argument("--logps-chunk-size", type=int, default=1024, help="tokens per LM-head chunk in log-probs")
+    g.add_argument("--pack-tokens", type=int, default=0, help="tokens per packed row: pairs (prompt + chosen + "
+                   "rejected) fill rows up to it (0 = 2 x --max-length, which any pair fits; packing.py)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="runs/{loss}", help="output folder ({loss} is replaced)")
     g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl row every N steps")
@@ -239,6 +242,7 @@ def validate(args, p: argparse.ArgumentParser) -> None:
              ("grad_clip", args.grad_clip >= 0, "0 (off) or positive"),
              ("curriculum_steps", args.curriculum_steps >= 0, "0 (off) or positive"),
              ("logps_chunk_size", args.logps_chunk_size >= 1, "positive"),
+             ("pack_tokens", args.pack_tokens >= 0, "0 (2 x --max-length) or positive"),
              ("log_every", args.log_every >= 1, "positive"),
              ("eval_every", args.eval_every >= 0, "0 (only at the end) or positive"),
              ("save_every", args.save_every >= 0, "0 (only at the end) or positive"),
@@ -274,7 +278,8 @@ def get_lr(step: int, total: int, args) -> float:
     if step < warmup:
         return args.lr * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
-    return args.lr * {"cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac, "constant": 1.0}[args.schedule]
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac, "constant": 1.0}
+    return args.lr * decay[args.schedule]
 
 
 def step_hparams(args, step: int) -> dict:
@@ -286,14 +291,19 @@ def step_hparams(args, step: int) -> dict:
 
 
 class Scorer(torch.nn.Module):
-    """model.sequence_logps as a forward(), so DDP's gradient hooks and torch.compile see the policy call."""
+    """packing.packed_logps as a forward(), so DDP's gradient hooks and torch.compile see the policy call."""
 
     def __init__(self, model: Qwen2, chunk_size: int):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, loss_mask):
-        return self.model.sequence_logps(input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size)
+    def forward(self, n_seqs: int, **layout):
+        return packing.packed_logps(self.model, **layout, n_seqs=n_seqs, chunk_size=self.chunk_size)
+
+
+def pack_tokens(args) -> int:
+    """--pack-tokens, 0 resolved: 2 x --max-length, which holds any pair (prompt + chosen + rejected)."""
+    return args.pack_tokens or 2 * args.max_length
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
@@ -380,7 +390,7 @@ def run_batches(pairs: list[data.Pair], args) -> list[list[int]]:
 
 def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_size: int, dtype: str,
                grad_clip: float) -> dict:
-    """One optimizer step over this rank's micro-batches (data.collate dicts, on the device): for each, forward
+    """One optimizer step over this rank's micro-batches (packing.pack dicts, on the device): for each, forward
     under autocast -> fp32 log-probs -> loss -> scaled backward (under DDP, gradients sync on the last one only);
     then unscale -> clip -> step (skipped on inf/NaN gradients) -> update the scale -> zero the gradients.
     `loss(t) -> (per-pair losses, per-pair metrics)` is losses.compute with this run's key, hyperparameters and
@@ -399,7 +409,7 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
             scaler.scale(micro_loss).backward()
         step_loss += micro_loss.detach() / world  # this rank's share of the global mean
         sums = {key: sums.get(key, 0.0) + v.sum() for key, v in metrics.items()}
-        tokens += batch["attention_mask"].sum()  # a tensor: no device sync until the row is logged
+        tokens += (batch["segment"] >= 0).sum()  # a tensor: no device sync until the row is logged
     params = [p for group in opt.param_groups for p in group["params"]]
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
@@ -413,7 +423,7 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
     return {"loss": float(step_loss), "grad_norm": grad_norm.item(), "sums": sums, "tokens": tokens,
             "skipped": not torch.isfinite(grad_norm) or scaler.get_scale() < scale,
             "pairs": sum(len(b["chosen_lens"]) for b in micro_batches),
-            "slots": sum(b["attention_mask"].numel() for b in micro_batches)}
+            "slots": sum(b["segment"].numel() for b in micro_batches)}
 
 
 def mean_over_ranks(sums: dict, count: float, device) -> dict:
@@ -427,19 +437,20 @@ def mean_over_ranks(sums: dict, count: float, device) -> dict:
 
 def window_metrics(window: list[dict], seconds: float, world: int, device) -> dict:
     """A metrics.jsonl row's values for the train_step outputs since the last row: TRL metrics averaged over all
-    ranks' pairs, the last grad norm, tokens/s (all ranks) and the padding fraction of the collated batches."""
+    ranks' pairs, the last grad norm, tokens/s (all ranks) and the padding fraction of the packed rows."""
     sums = {}
     for out in window:
         sums = {k: sums.get(k, 0.0) + v for k, v in out["sums"].items()}
     tokens, slots = float(sum(out["tokens"] for out in window)), sum(out["slots"] for out in window)
     return {"grad_norm": window[-1]["grad_norm"], **mean_over_ranks(sums, sum(out["pairs"] for out in window), device),
-            "tokens_per_s": tokens * world / seconds, "padding_fraction": 1 - tokens / max(1, slots)}
+            "window_tokens": tokens * world, "tokens_per_s": tokens * world / seconds,
+            "padding_fraction": 1 - tokens / max(1, slots)}
 
 
 @torch.no_grad()
 def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_state: dict, device) -> dict:
-    """Held-out TRL metrics (prefixed eval/) over all pairs, each rank taking every world-th batch. Loss state is
-    copied per batch: evaluation must not move the running statistics."""
+    """Held-out TRL metrics (prefixed eval_, as TRL names them) over all pairs, each rank taking every world-th batch.
+    The loss state is copied per batch: evaluation must not move the running statistics."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batches = data.make_batches(pairs, args.batch_size, shuffle=False)
     if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
@@ -449,25 +460,25 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
     sums, n = {}, 0
     for b in batches[rank::world]:
         with data.autocast(device, args.dtype):
-            t = data.pair_logps(scorer, data.collate([pairs[i] for i in b], pad_id, device))
+            t = data.pair_logps(scorer, packing.pack([pairs[i] for i in b], pad_id, pack_tokens(args), device))
         _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state),
                                     route=args.route)
         sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
         n += len(b)
     scorer.train()
-    return {"eval/" + k: v for k, v in mean_over_ranks(sums, n, device).items()}
+    return {"eval_" + k: v for k, v in mean_over_ranks(sums, n, device).items()}
 
 
 @torch.no_grad()
 def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> None:
     """Before any update the policy *is* the reference: its log-probs must equal the cache and DPO's loss is ln 2.
     A mismatch means the cache was built from other weights, tokens or template: fail before training on it."""
-    batch = data.collate(pairs[:args.batch_size], pad_id, device)
+    batch = packing.pack(pairs[:args.batch_size], pad_id, pack_tokens(args), device)
     with data.autocast(device, args.dtype):
         t = data.pair_logps(scorer, batch)
     policy = torch.cat([t["chosen_logps"], t["rejected_logps"]])
     cached = torch.cat([t["ref_chosen_logps"], t["ref_rejected_logps"]])
-    # fp32 differs only by padding/summation order; 16-bit autocast rounds each token's log-prob
+    # fp32 differs only by summation order; 16-bit autocast rounds each token's log-prob
     tol = (1e-3 if args.dtype == "fp32" else 2e-2) * (1 + cached.abs())
     worst = ((policy - cached).abs() / tol).max().item()
     dpo = losses.compute("dpo", t)[0].mean().item()
@@ -495,7 +506,8 @@ def model_folder(args, rank: int) -> Path:
 
 def build_model(args, model_dir: Path, device, world: int):
     """(model, scorer, optimizer, scaler): fp32 master weights on the device; the scorer is what the loop calls
-    (DDP-wrapped under torchrun); AdamW fused on CUDA; a GradScaler that is active for fp16 only."""
+    (DDP-wrapped under torchrun); AdamW fused (one kernel per step, no foreach temporaries; CPU and CUDA); a
+    GradScaler that is active for fp16 only."""
     model = Qwen2.from_pretrained(model_dir).to(device).train()
     model.gradient_checkpointing = args.grad_checkpointing
     if args.compile:  # the decoder layers only: the scored-token gather and chunked head have data-dependent shapes
@@ -505,7 +517,7 @@ def build_model(args, model_dir: Path, device, world: int):
     if world > 1:
         scorer = DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+                            fused=True)
     # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up before backward;
     # the scaler unscales before clipping and skips the step (halving the scale) when it finds inf/NaN.
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
@@ -530,6 +542,16 @@ def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int
                         f"difficult (its batch statistics are gathered from every rank): use --order two-stage")
 
 
+def report_plan(args, train_pairs: list, eval_pairs: list, plan: list, total: int) -> None:
+    """Print the resolved arguments, the recipe's sources, and what the run will train on."""
+    print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
+    print(f"recipe {recipes.describe(args.recipe)}" if args.recipe else "no recipe: the flags above as given")
+    print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {len(plan)} batches in {args.order} "
+          f"order ({len(train_pairs) - sum(map(len, plan)) / args.epochs:g} pairs per epoch left out: partial "
+          f"batches, discarded pairs), {total} steps, "
+          f"{packing.padding_fraction(train_pairs, plan, pack_tokens(args)):.1%} of the packed rows padding")
+
+
 def main(argv=None) -> dict:
     args = get_args(argv)
     rank, world, device = setup_device(args)
@@ -546,17 +568,14 @@ def main(argv=None) -> dict:
     total = min(len(plan), args.max_steps or 10**12)
     model, scorer, opt, scaler = build_model(args, model_dir, device, world)
     pad_id = data.load_tokenizer(model_dir).token_to_id(data.PAD_TOKEN)
-    step, counters, loss_state, last_ckpt = 0, {"updates": 0, "skipped_steps": 0, "bad_streak": 0}, {}, None
+    step, loss_state, last_ckpt = 0, {}, None
+    counters = {"updates": 0, "skipped_steps": 0, "bad_streak": 0, "num_tokens": 0}
     if args.resume:
         step, counters, last_ckpt = resume(out_dir, model, opt, scaler, loss_state, rank)
     elif rank == 0:
         checkpoint.start(args, out_dir)
     if rank == 0:
-        print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
-        print(f"recipe {recipes.describe(args.recipe)}" if args.recipe else "no recipe: the flags above as given")
-        print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {len(plan)} batches in {args.order} "
-              f"order ({len(train_pairs) - sum(map(len, plan)) / args.epochs:g} pairs per epoch left out: partial "
-              f"batches, discarded pairs), {total} steps, padding {data.padding_fraction(train_pairs, plan):.1%}")
+        report_plan(args, train_pairs, eval_pairs, plan, total)
     if step == 0 and needs_ref(args):
         step0_check(scorer, train_pairs, pad_id, args, device)
 
@@ -567,14 +586,15 @@ def main(argv=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         if eval_pairs and args.eval_every and step % args.eval_every == 0:
-            log({"step": step, **evaluate(scorer, eval_pairs, pad_id, args, step, loss_state, device)}, history, out_dir)
+            log({"step": step, **evaluate(scorer, eval_pairs, pad_id, args, step, loss_state, device)}, history,
+                out_dir)
         if args.save_every and step % args.save_every == 0 and step > saved_step and rank == 0 \
                 and not counters["bad_streak"]:  # the checkpoint a NaN stop names was saved before the bad steps
             last_ckpt = checkpoint.save(out_dir, step, model, opt, scaler, loss_state, counters, args) or last_ckpt
             saved_step = step
 
         mine = plan[step][rank::world]
-        micro_batches = [data.collate([train_pairs[j] for j in mine[k:k + micro]], pad_id, device)
+        micro_batches = [packing.pack([train_pairs[j] for j in mine[k:k + micro]], pad_id, pack_tokens(args), device)
                          for k in range(0, len(mine), micro)]
         loss = functools.partial(losses.compute, args.loss, hparams=step_hparams(args, step), state=loss_state,
                                  gather=all_gather if world > 1 else None, route=args.route)
@@ -586,13 +606,15 @@ def main(argv=None) -> dict:
         counters["updates"] += not out["skipped"]
         counters["skipped_steps"] += out["skipped"]
         if counters["bad_streak"] >= args.nan_patience:
-            where = f"the last checkpoint before it is {last_ckpt}" if last_ckpt else "no checkpoint was saved before it"
+            where = f"the last checkpoint before it is {last_ckpt}" if last_ckpt else "no checkpoint was saved before"
             raise UserError(f"stopping at step {step + 1}: {args.nan_patience} consecutive steps had a non-finite loss "
                             f"or gradients; {where}. Try a lower --lr or --dtype bf16/fp32")
         window.append(out)
         if (step + 1) % args.log_every == 0 or step + 1 == total:
-            log({"step": step + 1, "epoch": args.epochs * (step + 1) / len(plan), "lr": lr,
-                 **window_metrics(window, time.time() - t0, world, device), "fp16_scale": scaler.get_scale(),
+            row = window_metrics(window, time.time() - t0, world, device)
+            counters["num_tokens"] += int(row.pop("window_tokens"))  # TRL's num_tokens: real tokens so far
+            log({"step": step + 1, "epoch": args.epochs * (step + 1) / len(plan), "learning_rate": lr, **row,
+                 "num_tokens": counters["num_tokens"], "fp16_scale": scaler.get_scale(),
                  "skipped_steps": counters["skipped_steps"]}, history, out_dir)
             window, t0 = [], time.time()
     if not counters["updates"]:
@@ -629,13 +651,13 @@ def log(row: dict, history: list, out_dir: Path) -> None:
 
 
 def summarize(history: list[dict], out_dir: Path, args) -> None:
-    evals = [h for h in history if "eval/rewards/accuracies" in h]
+    evals = [h for h in history if "eval_rewards/accuracies" in h]
     train = [h for h in history if "loss" in h]
     print(f"\n== {args.loss}: {train[-1]['step'] if train else 0} steps ==")
     if evals:
-        print(f"held-out rewards/accuracies: {evals[0]['eval/rewards/accuracies']:.3f} (step {evals[0]['step']})"
-              f" -> {evals[-1]['eval/rewards/accuracies']:.3f} (step {evals[-1]['step']}); "
-              f"margin {evals[-1]['eval/rewards/margins']:+.3f}")
+        print(f"held-out rewards/accuracies: {evals[0]['eval_rewards/accuracies']:.3f} (step {evals[0]['step']})"
+              f" -> {evals[-1]['eval_rewards/accuracies']:.3f} (step {evals[-1]['step']}); "
+              f"margin {evals[-1]['eval_rewards/margins']:+.3f}")
     if train:
         print(f"last train loss {train[-1]['loss']:.4f}, {train[-1]['tokens_per_s']:.0f} tokens/s, "
               f"skipped steps {train[-1]['skipped_steps']}")

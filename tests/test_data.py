@@ -14,8 +14,8 @@ from conftest import make_pref_rows, write_jsonl
 from tokenizers import Tokenizer
 
 import data
-from data import (Pair, UserError, collate, load_rows, make_batches, padding_fraction, ref_cache, render_chatml,
-                  tokenize_pairs)
+import packing
+from data import Pair, UserError, load_rows, make_batches, ref_cache, render_chatml, tokenize_pairs
 
 SYSTEM_BLOCK = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 
@@ -269,24 +269,7 @@ def test_hub_dataset_downloads_only_the_split(tmp_path, monkeypatch):
     assert all(p.endswith(".parquet") and "test" in p for p in asked["allow_patterns"])
 
 
-# ---------------------------------------------------------------- collate and batching
-
-def test_collate_layout():
-    pairs = [Pair([5, 6], [7, 8, 9], [10], row=0, score_chosen=1.0), Pair([5], [11], [12, 13], row=1)]
-    b = collate(pairs, pad_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 11, 0, 0, 0], [5, 6, 10, 0, 0], [5, 12, 13, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    assert b["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
-    assert b["loss_mask"].dtype == torch.bool and b["attention_mask"].dtype == torch.long
-    assert b["chosen_lens"].tolist() == [3, 1] and b["rejected_lens"].tolist() == [1, 2]
-    assert b["chosen_scores"][0] == 1.0 and all(math.isnan(x) for x in b["chosen_scores"][1:].tolist())
-    assert all(math.isnan(x) for x in b["rejected_scores"].tolist()) and "ref_chosen_logps" not in b
-    pairs[0].ref_chosen_logps, pairs[0].ref_rejected_logps = -1.5, -2.5
-    assert "ref_chosen_logps" not in collate(pairs, pad_id=0)  # only when every pair has them
-    pairs[1].ref_chosen_logps, pairs[1].ref_rejected_logps = -3.0, -4.0
-    b = collate(pairs, pad_id=0)
-    assert b["ref_chosen_logps"].tolist() == [-1.5, -3.0] and b["ref_rejected_logps"].tolist() == [-2.5, -4.0]
-
+# ---------------------------------------------------------------- batching (the packed layout: test_packing.py)
 
 def _random_pairs(n=300, seed=0, scores=True):
     rng = random.Random(seed)
@@ -295,29 +278,29 @@ def _random_pairs(n=300, seed=0, scores=True):
             for i in range(n)]
 
 
-def _collated_padding(pairs, batches):
-    masks = [collate([pairs[i] for i in b], 0)["attention_mask"] for b in batches]
-    return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+def _packed_padding(pairs, batches, budget=400):
+    """Padding fraction of the packed rows, measured on the tensors packing.pack builds."""
+    segments = [packing.pack([pairs[i] for i in b], 0, budget)["segment"] for b in batches]
+    return 1 - sum(int((s >= 0).sum()) for s in segments) / sum(s.numel() for s in segments)
 
 
-def test_length_bucketing_reduces_padding_and_is_deterministic():
+def test_size_bucketing_reduces_padding_and_is_deterministic():
     pairs = _random_pairs()
     batches = make_batches(pairs, 8, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(len(pairs))) and max(map(len, batches)) == 8
     assert batches == make_batches(pairs, 8, seed=1) != make_batches(pairs, 8, seed=2)
-    longest = [max(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) for i in b) for b in batches]
-    assert longest != sorted(longest)  # batches come in shuffled order, not shortest first
+    largest = [max(packing.size(pairs[i]) for i in b) for b in batches]
+    assert largest != sorted(largest)  # batches come in shuffled order, not smallest first
     rng = random.Random(0)
     shuffled = rng.sample(range(len(pairs)), len(pairs))
     naive = [shuffled[k:k + 8] for k in range(0, len(pairs), 8)]
-    bucketed, unsorted = _collated_padding(pairs, batches), _collated_padding(pairs, naive)
-    assert padding_fraction(pairs, batches) == pytest.approx(bucketed)
-    assert padding_fraction(pairs, naive) == pytest.approx(unsorted)
+    bucketed, unsorted = _packed_padding(pairs, batches), _packed_padding(pairs, naive)
+    assert packing.padding_fraction(pairs, batches, 400) == pytest.approx(bucketed)
+    assert packing.padding_fraction(pairs, naive, 400) == pytest.approx(unsorted)
     assert bucketed < 0.5 * unsorted
     ordered = make_batches(pairs, 8, shuffle=False)
-    lengths = [len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
-               for b in ordered for i in b]
-    assert lengths == sorted(lengths)
+    sizes = [packing.size(pairs[i]) for b in ordered for i in b]
+    assert sizes == sorted(sizes)
 
 
 def test_margin_order_is_easy_to_hard():
@@ -353,14 +336,14 @@ def test_cache_equals_policy_logps_through_the_training_path(cache_args, tiny_mo
     assert tensors["ref_chosen_logps"].dtype == torch.float32 and tensors["index"].dtype == torch.long
     assert meta["n"] == len(pairs) == 13 and meta["counts"]["dropped_identical"] == 1
     model = Qwen2.from_pretrained(str(tiny_model_dir)).eval()
-    pad = tok.token_to_id("<|endoftext|>")
-    for start in range(0, len(pairs), 4):  # batches composed differently from the cache's length-sorted ones
-        idx = list(range(start, min(start + 4, len(pairs))))
-        batch = collate([pairs[i] for i in idx], pad)
-        with torch.no_grad():
-            lp = model.sequence_logps(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        torch.testing.assert_close(lp[:len(idx)], tensors["ref_chosen_logps"][idx], atol=1e-4, rtol=0)
-        torch.testing.assert_close(lp[len(idx):], tensors["ref_rejected_logps"][idx], atol=1e-4, rtol=0)
+    for i, p in enumerate(pairs):  # each answer alone after its prompt, unpadded: not the cache's packed batches
+        for side in ("chosen", "rejected"):
+            ids = torch.tensor([p.prompt_ids + getattr(p, f"{side}_ids")])
+            scored = torch.arange(ids.shape[1])[None] >= len(p.prompt_ids)
+            with torch.no_grad():
+                lp = model.sequence_logps(ids, torch.ones_like(ids), scored)
+            torch.testing.assert_close(lp[0], tensors[f"ref_{side}_logps"][i], atol=1e-4, rtol=1e-5)
+            assert getattr(p, f"ref_{side}_logps") == tensors[f"ref_{side}_logps"][i].item()
     assert (tensors["ref_chosen_logps"] < 0).all()
 
 

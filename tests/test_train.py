@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import checkpoint
 import data
 import losses
+import packing
 import recipes
 import train
 from model import UserError
@@ -41,12 +42,12 @@ def weights(run_dir: Path) -> dict:
 def test_demo_learns(loss, tmp_path, cache_dir):
     """Held-out accuracy starts at chance (policy = reference: ties count half) and ends >= 0.9."""
     out = demo(tmp_path, cache_dir, "--loss", loss, "--max-steps", "150")
-    evals = [h for h in out["history"] if "eval/rewards/accuracies" in h]
-    assert evals[0]["step"] == 0 and 0.3 <= evals[0]["eval/rewards/accuracies"] <= 0.7
-    assert evals[-1]["eval/rewards/accuracies"] >= 0.9, evals[-1]
+    evals = [h for h in out["history"] if "eval_rewards/accuracies" in h]
+    assert evals[0]["step"] == 0 and 0.3 <= evals[0]["eval_rewards/accuracies"] <= 0.7
+    assert evals[-1]["eval_rewards/accuracies"] >= 0.9, evals[-1]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_rows = [r for r in rows if "loss" in r]
-    for key in ("loss", "lr", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+    for key in ("loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_s", "padding_fraction"):
         assert all(math.isfinite(r[key]) for r in train_rows), key
     assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "final" / "tokenizer.json").exists()
@@ -97,18 +98,18 @@ def test_resume_is_exact(tmp_path, cache_dir, monkeypatch):
     common = ["--loss", "lmpo", "--max-steps", "6", "--save-every", "3", "--eval-split", ""]
     demo(tmp_path / "straight", cache_dir, *common)
     calls = {"n": 0}
-    real_collate = train.data.collate
+    real_pack = train.packing.pack
 
-    def crashing_collate(*a, **k):
+    def crashing_pack(*a, **k):
         calls["n"] += 1
         if calls["n"] == 5:  # during step 5, after the step-3 checkpoint
             raise KeyboardInterrupt
-        return real_collate(*a, **k)
+        return real_pack(*a, **k)
 
-    monkeypatch.setattr(train.data, "collate", crashing_collate)
+    monkeypatch.setattr(train.packing, "pack", crashing_pack)
     with pytest.raises(KeyboardInterrupt):
         demo(tmp_path / "resumed", cache_dir, *common)
-    monkeypatch.setattr(train.data, "collate", real_collate)
+    monkeypatch.setattr(train.packing, "pack", real_pack)
     demo(tmp_path / "resumed", cache_dir, *common, "--resume")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -230,9 +231,10 @@ def _step(model_dir, pairs, sizes, loss):
     model = train.Qwen2.from_pretrained(model_dir).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the gradient: updates compare exactly
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    micro = [data.collate(pairs[s:s + n], 0) for s, n in zip(starts, sizes)]
-    out = train.train_step(model.sequence_logps, opt, torch.amp.GradScaler("cpu", enabled=False), micro, loss,
-                           batch_size=sum(sizes), dtype="fp32", grad_clip=1.0)
+    micro = [packing.pack(pairs[s:s + n], 0, budget=512) for s, n in zip(starts, sizes)]
+    out = train.train_step(functools.partial(packing.packed_logps, model), opt,
+                           torch.amp.GradScaler("cpu", enabled=False), micro, loss, batch_size=sum(sizes),
+                           dtype="fp32", grad_clip=1.0)
     return out, model
 
 
@@ -243,7 +245,8 @@ def test_train_step_is_one_exact_optimizer_step(tiny_model_dir):
     pairs, _ = data.tokenize_pairs(make_pref_rows(4), data.load_tokenizer(tiny_model_dir), 256, 128)
     loss = functools.partial(losses.compute, "simpo")
     model = train.Qwen2.from_pretrained(tiny_model_dir).train()
-    want = losses.compute("simpo", data.pair_logps(model.sequence_logps, data.collate(pairs, 0)))[0].mean()
+    score = functools.partial(packing.packed_logps, model)
+    want = losses.compute("simpo", data.pair_logps(score, packing.pack(pairs, 0, budget=512)))[0].mean()
     want.backward()
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
     whole, m1 = _step(tiny_model_dir, pairs, [4], loss)
