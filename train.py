@@ -504,6 +504,17 @@ def model_folder(args, rank: int) -> Path:
     return folder
 
 
+def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters, no foreach temporaries), with its state allocated now: AdamW
+    would allocate it at the end of step 1, after that step's peak, so step 2's peak would be higher by it."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    for group in opt.param_groups:  # exactly what AdamW's first step creates (zeros, step 0, fused: on the device)
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    return opt
+
+
 def build_model(args, model_dir: Path, device, world: int):
     """(model, scorer, optimizer, scaler): fp32 master weights on the device; the scorer is what the loop calls
     (DDP-wrapped under torchrun); AdamW fused (one kernel per step, no foreach temporaries; CPU and CUDA); a
@@ -516,8 +527,7 @@ def build_model(args, model_dir: Path, device, world: int):
     scorer = Scorer(model, args.logps_chunk_size)
     if world > 1:
         scorer = DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=True)
+    opt = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up before backward;
     # the scaler unscales before clipping and skips the step (halving the scale) when it finds inf/NaN.
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")

@@ -1,407 +1,278 @@
-"""One preference-training optimizer step, ours against the transformers + TRL way, side by side on the same weights.
+"""Preference training, ours against TRL's DPOTrainer on the same weights and pairs, and the packed layout's costs.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_train.py              # CPU: real widths and vocab, 4 layers, 1 pair x 256
-    python benchmarks/bench_train.py --device cuda --dtype fp16 --config real --batch-pairs 8 --seq-len 1024  # target
+    OMP_NUM_THREADS=2 python benchmarks/bench_train.py                   # (a) CPU: 0.5B shape, 8 pairs, batch 2, fp32
+    python benchmarks/bench_train.py --workload tokens                   # (b) tokens computed per pair, UF-like lengths
+    OMP_NUM_THREADS=2 python benchmarks/bench_train.py --workload attention   # CPU attention kernels for packed rows
+    python benchmarks/bench_train.py --device cuda --dtype fp16 --pairs 64 --batch-size 8 --prompt-words 150 \
+        --answer-words 300 --max-length 1024                             # the GPU setting (Yao et al.: batch 8 x 1024)
 
-The step (train.py's, for loss "dpo"): policy forward of B pairs = 2B sequences of T tokens (rows 0..B-1 chosen,
-B..2B-1 rejected, each pair sharing its prompt) -> fp32 summed completion log-probs -> DPO loss (losses.dpo, beta 0.1)
-against precomputed reference log-probs -> backward (GradScaler with fp16) -> unscale, clip grad norm to 1 -> AdamW.
-  ours: model.Qwen2 + Qwen2.sequence_logps through train.Scorer: only completion positions go through the
-        LM head, in chunks, and no [2B, T, V] logits exist (the chunk logits are recomputed in backward).
-  peer: transformers' Qwen2ForCausalLM (sdpa attention, use_cache=False), loaded from ours' save_pretrained folder,
-        full logits [2B, T, V] -> log_softmax(logits.float()) -> gather -> masked sum (TRL's concatenated_forward
-        before selective_log_softmax, trl PR #2799); --peer-logps selective is TRL's current selective_log_softmax.
-Both run under the same autocast, loss, optimizer (AdamW, fused on CUDA as in train.py) and clipping. Before timing,
-an fp32 step without autocast on the first --check-pairs pairs must give both the same log-probs, loss and gradients
-(else the run stops). The variants then alternate (A B, B A, ...) so that a change of load on a shared machine hits
-both; warm-up steps are excluded and the median of --iters steps is reported, with the min-max range, and the median
-of the paired ratios peer_i / ours_i of neighbouring steps (more robust than the ratio of medians when the load
-changes).
-
-Memory: an extra, untimed step per variant; two peaks, through forward + backward and through the whole step
-(AdamW included). CUDA: torch.cuda.max_memory_allocated() minus the allocation before the step. CPU:
-torch.profiler(profile_memory=True) records every tensor allocation and free of the step; the peak of their running
-sum is the most tensor memory alive at once above what was alive before the step (the CPU analog of the CUDA number;
-independent of glibc's caching, which makes RSS deltas unreliable within one process). Both include the fp32
-gradients (set to None between steps) and exclude the resident weights and AdamW state. The profiled step also gives
-the ops that dominate the time (profiler overhead included; its times are not the table's).
-transformers (requirements-dev.txt) is needed: it is the peer.
+(a) Each engine runs in a fresh process (so that its peak RSS is its own) on the same random weights (Qwen2.5-0.5B's
+shape unless --layers), saved once as a Hugging Face folder, and the same pairs: prompts of ~--prompt-words and
+answers of ~--answer-words words from a word-level tokenizer (one token per word, so both tokenize identically),
+EOS appended to each answer as TRL does. DPO, beta 0.1, AdamW lr 1e-6, clip 1.0, --batch-size pairs per step,
+--epochs passes.
+  ours: train.train_step on packing.pack batches (one segment prompt ‖ chosen ‖ rejected per pair), reference
+        log-probs precomputed once (data.score_pairs), AdamW fused, as train.py runs it;
+  trl:  DPOTrainer with its defaults (a reference model beside the policy; 2B padded rows; full logits), and
+        trl-precompute: the same with precompute_ref_log_probs=True (no reference model during training).
+Equal work: the first step's mean summed log-prob of the chosen answers must agree (fp32) and DPO's first loss is
+ln 2 in both. Reported: median seconds per step after the first (and the first), the process's peak RSS (VmHWM)
+after step 1 and after the last step (growth = fragmentation or leaks), and the resident set before training.
+(b) From lengths alone: tokens computed per pair (padding included) by the packed rows against the padded two-row
+layout of TRL's collator, for UltraFeedback-like lengths (prompt 150 ± 100, answers 300 ± 200, batch 8, max 1024).
+(attention) Forward + backward of a packed micro-batch through the model at real width, for each CPU attention path:
+SDPA with the dense mask at several --pack-tokens (rows x L² mask), and FlexAttention compiled on the CPU.
 """
 import argparse
-import importlib.util
+import functools
+import json
 import os
 import platform
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import losses  # noqa: E402
+import packing  # noqa: E402
+import train  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
-from train import Scorer  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WORDS = 4000  # word-level vocabulary; the embedding keeps the model's 151,936 rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and precision")
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where both models run (default: cuda if available)")
-    g.add_argument("--dtype", choices=list(DTYPES), default=None, help="autocast dtype; fp16 adds a GradScaler, "
-                   "weights and AdamW state stay fp32 (default: fp16 on cuda, as train.py; fp32 on cpu)")
-    g.add_argument("--config", choices=["real", "small"], default=None, help="real = Qwen2.5-0.5B-Instruct shape "
-                   "(Qwen2Config defaults, 24 layers); small = the same widths and 151,936-row vocabulary with "
-                   "--layers layers (default: real on cuda, small on cpu); weights are random either way")
-    g.add_argument("--layers", type=int, default=4, help="num_hidden_layers of --config small")
-    g.add_argument("--compile", action="store_true", help="torch.compile ours' Scorer (as train.py "
-                   "--compile); the peer stays eager")
-    g.add_argument("--chunk-size", type=int, default=1024, help="ours: tokens per LM-head chunk (train.py "
-                   "--logps-chunk-size)")
-    g.add_argument("--peer-logps", choices=["naive", "selective"], default="naive", help="peer's log-probs from "
-                   "the full logits: naive = log_softmax(logits.float()).gather; selective = TRL's "
-                   "selective_log_softmax (fp32: gather - per-row logsumexp; fp16/bf16: per-row log_softmax)")
-    g = p.add_argument_group("batch")
-    g.add_argument("--batch-pairs", type=int, default=None, help="B: preference pairs per step, 2B sequences "
-                   "(default: 8 on cuda, 1 on cpu)")
-    g.add_argument("--seq-len", type=int, default=None, help="T: tokens per sequence (default: 1024 on cuda, 256 on "
-                   "cpu)")
-    g.add_argument("--prompt-len", type=int, default=None, help="prompt tokens; completion = seq-len - prompt-len "
-                   "(default: seq-len // 4, i.e. 256 of 1024 as train.py's --max-prompt-length)")
-    g.add_argument("--ragged", action="store_true", help="draw each completion's length uniformly in "
-                   "[completion/2, completion] and right-pad (real batches); default: every sequence is full")
-    g = p.add_argument_group("measurement")
-    g.add_argument("--iters", type=int, default=3, help="timed steps per variant; the median is reported")
-    g.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (>= 1: AdamW allocates "
-                   "its state and fp16's GradScaler settles in the first)")
-    g.add_argument("--check-pairs", type=int, default=2, help="pairs of the fp32 equal-work check (the first ones "
-                   "of the batch)")
-    g.add_argument("--no-profile", action="store_true", help="skip the extra step per variant that measures peak "
-                   "memory and the top ops")
-    g.add_argument("--seed", type=int, default=0, help="seed of the weights, tokens and reference log-probs")
-    args = p.parse_args(argv)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")
-    args.dtype = args.dtype or ("fp16" if cuda else "fp32")
-    args.config = args.config or ("real" if cuda else "small")
-    args.batch_pairs = args.batch_pairs or (8 if cuda else 1)
-    args.seq_len = args.seq_len or (1024 if cuda else 256)
-    args.prompt_len = args.seq_len // 4 if args.prompt_len is None else args.prompt_len
-    if not 1 <= args.prompt_len <= args.seq_len - 2:
-        p.error(f"--prompt-len {args.prompt_len} must be in [1, seq-len - 2 = {args.seq_len - 2}] (at least 2 "
-                f"completion tokens)")
-    if args.warmup < 1 or args.iters < 1:
-        p.error("--warmup and --iters must be >= 1")
-    args.check_pairs = min(args.check_pairs, args.batch_pairs)
-    return args
+    p.add_argument("--workload", choices=["trl", "tokens", "attention"], default="trl", help="(a), (b) or the CPU "
+                   "attention kernels (default: trl)")
+    p.add_argument("--engines", nargs="+", default=["ours", "trl", "trl-precompute"], help="(a): which to run")
+    p.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # internal: run one engine in this process
+    p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(data.DTYPES), default="fp32", help="autocast dtype (fp16: GradScaler)")
+    p.add_argument("--layers", type=int, default=24, help="decoder layers (24 = Qwen2.5-0.5B)")
+    p.add_argument("--pairs", type=int, default=8, help="(a): training pairs")
+    p.add_argument("--batch-size", type=int, default=2, help="(a): pairs per optimizer step")
+    p.add_argument("--epochs", type=int, default=3, help="(a): passes over the pairs (12 steps by default)")
+    p.add_argument("--prompt-words", type=int, default=50, help="(a): mean prompt length in tokens")
+    p.add_argument("--answer-words", type=int, default=300, help="(a): mean answer length in tokens")
+    p.add_argument("--max-length", type=int, default=512, help="(a): TRL's max_length (ours: no pair is cut)")
+    p.add_argument("--seed", type=int, default=0, help="weights and data")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    return p.parse_args(argv)
 
 
-def make_config(args) -> Qwen2Config:
-    c = Qwen2Config()  # defaults = Qwen2.5-0.5B-Instruct
-    if args.config == "small":
-        c.num_hidden_layers = args.layers
-    return c
+def rss(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS: resident now; VmHWM: peak since start or the last reset)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
-def random_model(config: Qwen2Config, seed: int) -> Qwen2:
-    """Every parameter re-randomised (biases non-zero, norms not 1) so that a key mapped wrong cannot hide; std 0.02
-    keeps the logits small, i.e. log-probs near -ln V as for a real model's unlikely tokens, not a saturated loss."""
-    torch.manual_seed(seed)
-    model = Qwen2(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.02)
-    return model
+def make_inputs(args, folder: Path) -> None:
+    """The shared weights (a Hugging Face folder), a word-level tokenizer beside them, and the pairs (pairs.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, **{f"w{i}": i + 2 for i in range(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    torch.manual_seed(args.seed)
+    model = Qwen2(Qwen2Config(num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=1))
+    with torch.no_grad():  # every parameter redrawn (biases non-zero, norms not 1), small: a non-saturated loss
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.02)
+    model.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                              "tokenizer_class": "PreTrainedTokenizerFast"}))
+    rng = random.Random(args.seed)
+    text = lambda mean: " ".join(f"w{rng.randrange(WORDS)}" for _ in range(max(1, round(rng.gauss(mean, mean / 5)))))
+    rows = [{"prompt": text(args.prompt_words), "chosen": text(args.answer_words), "rejected": text(args.answer_words)}
+            for _ in range(args.pairs)]
+    (folder / "pairs.json").write_text(json.dumps(rows))
 
 
-def make_batch(args, vocab: int, device) -> dict[str, torch.Tensor]:
-    """input_ids [2B, T] (chosen rows then rejected rows; a pair shares its prompt), attention_mask, loss_mask
-    (completion tokens), lens (completion lengths), in data.collate's layout."""
-    B, T, P = args.batch_pairs, args.seq_len, args.prompt_len
-    g = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, vocab, (B, P), generator=g).repeat(2, 1)
-    ids = torch.cat([prompt, torch.randint(0, vocab, (2 * B, T - P), generator=g)], 1)
-    lens = torch.full((2 * B,), T - P)
-    if args.ragged:
-        lens = torch.randint((T - P + 1) // 2, T - P + 1, (2 * B,), generator=g)
-        lens[0] = T - P  # the longest sequence sets T, as when collate pads to the batch's longest
-    pos = torch.arange(T)
-    attention_mask = (pos < P + lens[:, None]).long()
-    loss_mask = (pos >= P) & attention_mask.bool()
-    ids = ids.masked_fill(~attention_mask.bool(), 151643)  # <|endoftext|>, the pad token
-    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=attention_mask, loss_mask=loss_mask,
-                                              lens=lens).items()}
+def run_ours(args, folder: Path) -> dict:
+    from tokenizers import Tokenizer
+    tok, device = Tokenizer.from_file(str(folder / "tokenizer.json")), torch.device(args.device)
+    ids = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    pairs = [data.Pair(ids(r["prompt"]), ids(r["chosen"]) + [1], ids(r["rejected"]) + [1], row=i)
+             for i, r in enumerate(json.loads((folder / "pairs.json").read_text()))]
+    model = Qwen2.from_pretrained(folder).to(device)
+    ref = data.score_pairs(model, pairs, 0, args.batch_size, device, args.dtype, budget=2 * args.max_length)
+    for p, c, r in zip(pairs, ref["chosen_logps"].tolist(), ref["rejected_logps"].tolist()):
+        p.ref_chosen_logps, p.ref_rejected_logps = c, r
+    model.train()
+    opt = train.adamw(model.parameters(), lr=1e-6)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    scorer, loss = train.Scorer(model, 1024), functools.partial(losses.compute, "dpo")
+    before, times, logged, peak_step1 = rss("VmRSS"), [], [], None
+    for epoch in range(args.epochs):
+        for s in range(0, len(pairs), args.batch_size):
+            batch = packing.pack(pairs[s:s + args.batch_size], 0, 2 * args.max_length, device)
+            t0 = time.perf_counter()
+            out = train.train_step(scorer, opt, scaler, [batch], loss, batch_size=len(batch["chosen_lens"]),
+                                   dtype=args.dtype, grad_clip=1.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            logged.append({k: float(v) / out["pairs"] for k, v in out["sums"].items()} | {"loss_step": out["loss"]})
+            if len(times) == 1:
+                peak_step1 = rss("VmHWM")  # since the process started: weights, step 1, its AdamW state
+    return {"times": times, "first": logged[0], "rss_before": before, "peak_step1": peak_step1,
+            "peak_last": rss("VmHWM")}
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL's (trl/trainer/utils.py): log_softmax(logits).gather(index) with a per-row loop to lower the peak."""
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, index[..., None])[..., 0]
-        return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-    return torch.stack([F.log_softmax(row, -1).gather(-1, i[:, None])[:, 0] for row, i in zip(logits, index)])
+def run_trl(args, folder: Path, precompute: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    rows = json.loads((folder / "pairs.json").read_text())
+    ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
+                            for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    times, state = [], {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            state["t0"] = time.perf_counter()
+            if len(times) == 0 and "rss_before" not in state:
+                state["rss_before"] = rss("VmRSS")
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - state["t0"])
+            if len(times) == 1:
+                state["peak_step1"] = rss("VmHWM")
+
+    cfg = DPOConfig(output_dir=str(folder / "trl_out"), per_device_train_batch_size=args.batch_size,
+                    num_train_epochs=args.epochs, learning_rate=1e-6, lr_scheduler_type="constant",
+                    max_length=args.max_length, beta=0.1, logging_steps=1, save_strategy="no", report_to=[],
+                    use_cpu=args.device == "cpu", fp16=args.dtype == "fp16", bf16=args.dtype == "bf16",
+                    precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=args.seed, max_grad_norm=1.0,
+                    disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    return {"times": times, "first": {"loss": first["loss"], "logps/chosen": first["logps/chosen"]},
+            "rss_before": state["rss_before"], "peak_step1": state["peak_step1"], "peak_last": rss("VmHWM")}
 
 
-def peer_logps(hf, batch: dict, mode: str) -> torch.Tensor:
-    """[2B] summed completion log-probs the TRL way: full logits, labels and mask rolled left by one."""
-    ids = batch["input_ids"]
-    logits = hf(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits  # [2B, T, V]
-    mask = torch.roll(batch["loss_mask"], -1, 1)  # logits at t score token t+1 (loss_mask[:, 0] is False)
-    labels = torch.roll(ids, -1, 1).masked_fill(~mask, 0)
-    if mode == "naive":
-        lp = logits.float().log_softmax(-1).gather(-1, labels[..., None])[..., 0]
-    else:
-        lp = selective_log_softmax(logits, labels)
-    return lp.masked_fill(~mask, 0.0).sum(-1)
+def workload_trl(args) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    make_inputs(args, folder)
+    results = {}
+    for engine in args.engines:
+        cmd = [sys.executable, __file__, "--engine", engine, "--dir", str(folder)] + [
+            x for k in ("device", "dtype", "layers", "pairs", "batch_size", "epochs", "max_length", "seed")
+            for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"bench_train.py: engine {engine} failed:\n{r.stderr[-3000:]}")
+        results[engine] = json.loads(r.stdout.strip().splitlines()[-1])
+    gib, ours = 2.0 ** 30, results.get("ours")
+    print(f"\n(a) {machine(args)}; {args.layers} layers, {args.pairs} pairs, batch {args.batch_size}, {args.epochs} "
+          f"epochs ({len(ours['times']) if ours else '?'} steps), {args.dtype}\n")
+    print("| engine | first step (s) | median step after it (s) | RSS before training (GiB) | peak RSS after step 1 "
+          "(GiB) | after the last step (GiB) | first loss | first logps/chosen |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['times'][0]:.2f} | {statistics.median(r['times'][1:]):.2f} | {r['rss_before'] / gib:.2f} "
+              f"| {r['peak_step1'] / gib:.2f} | {r['peak_last'] / gib:.2f} | {r['first']['loss']:.6f} | "
+              f"{r['first']['logps/chosen']:.4f} |")
+    for name, r in results.items():
+        if ours and name != "ours":
+            print(f"ours / {name}: step time {statistics.median(ours['times'][1:]) / statistics.median(r['times'][1:]):.2f}x, "
+                  f"peak RSS {ours['peak_last'] / r['peak_last']:.2f}x")
+    if ours:
+        print(f"ours: peak RSS after the last step / after step 1 = {ours['peak_last'] / ours['peak_step1']:.3f}")
+    return results
 
 
-def matmul_gflop(config: Qwen2Config, batch: dict) -> dict[str, float]:
-    """Analytic matmul GFLOP of one step (forward + backward = 3x forward; attention counted causal, padding keys
-    included). The LM head costs 2DV per scored token forward; ours recomputes its logits in backward (4 matmuls
-    per scored token), the peer does 3 per position of all 2B*T."""
-    c, (N, T) = config, batch["input_ids"].shape
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    per_token = 2 * (c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
-    attention = 2 * 2 * q * N * T * T / 2
-    layers = 3 * c.num_hidden_layers * (per_token * N * T + attention)
-    head = 2 * c.hidden_size * c.vocab_size
-    scored = int(batch["loss_mask"][:, 1:].sum())
-    return {"ours": (layers + 4 * head * scored) / 1e9, "peer": (layers + 3 * head * N * T) / 1e9,
-            "head_ours": 4 * head * scored / 1e9, "head_peer": 3 * head * N * T / 1e9}
+def workload_tokens(n: int = 8192, batch: int = 8, max_length: int = 1024, max_prompt: int = 512) -> dict:
+    """Tokens computed per pair for UltraFeedback-like lengths: padded two-row layout (TRL's collator, batches in
+    random order) vs packed rows of 2 x max_length (our size-bucketed batches)."""
+    rng = random.Random(0)
+    draw = lambda mean, sd: max(1, round(rng.gauss(mean, sd)))  # noqa: E731
+    pairs = []
+    for i in range(n):
+        p = min(draw(150, 100), max_prompt)
+        c, r = min(draw(300, 200), max_length - p), min(draw(300, 200), max_length - p)
+        pairs.append(data.Pair([0] * p, [0] * c, [0] * r, row=i))
+    order = list(range(n))
+    rng.shuffle(order)
+    padded = sum(2 * len(b) * max(packing.size(pairs[i]) - min(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
+                                  for i in b) for b in (order[k:k + batch] for k in range(0, n, batch)))
+    ours_batches = data.make_batches(pairs, batch, seed=0)
+    budget = 2 * max_length
+    frac = packing.padding_fraction(pairs, ours_batches, budget)
+    real = sum(map(packing.size, pairs))
+    res = {"padded_per_pair": padded / n, "packed_per_pair": real / (1 - frac) / n, "real_packed_per_pair": real / n,
+           "two_rows_real_per_pair": sum(packing.size(p) + len(p.prompt_ids) for p in pairs) / n}
+    print(f"\n(b) {n} pairs, prompt 150 ± 100 (cut to {max_prompt}), answers 300 ± 200 (cut to the {max_length} total), "
+          f"batch {batch}\n\n| layout | tokens computed per pair |\n|---|---:|\n"
+          f"| padded two rows (TRL's collator, random batches) | {res['padded_per_pair']:.0f} |\n"
+          f"| two rows without padding (the prompt twice) | {res['two_rows_real_per_pair']:.0f} |\n"
+          f"| packed rows of {budget} (ours, size-bucketed batches; {frac:.1%} padding) | {res['packed_per_pair']:.0f} |\n"
+          f"| packed, real tokens only | {res['real_packed_per_pair']:.0f} |\n\n"
+          f"ours / padded: {res['packed_per_pair'] / res['padded_per_pair']:.2f}x")
+    return res
 
 
-class Variant:
-    """One model, its optimizer and scaler, and train.py's step with the loss 'dpo'."""
-
-    def __init__(self, name, model, logps_fn, args, ref):
-        self.name, self.model, self.logps_fn, self.ref = name, model, logps_fn, ref
-        self.dev, self.dtype = args.device, DTYPES[args.dtype]
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=args.device == "cuda")
-        self.scaler = torch.amp.GradScaler(args.device, enabled=self.dtype == torch.float16)
-        self.skipped, self.losses, self.times, self.phases, self.oom = 0, [], [], [], False
-
-    def autocast(self):
-        return torch.autocast(self.dev, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-    def now(self) -> float:
-        if self.dev == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def step(self, batch) -> list[float]:
-        """One optimizer step; returns the seconds of (forward + loss, backward, unscale + clip + AdamW + zero_grad)."""
-        B = len(batch["lens"]) // 2
-        t = [self.now()]
-        with self.autocast():
-            lp = self.logps_fn(batch).float()
-        ref = self.ref
-        loss = losses.dpo(lp[:B], lp[B:], ref[:B], ref[B:], batch["lens"][:B], batch["lens"][B:])[0].mean()
-        t.append(self.now())
-        self.scaler.scale(loss).backward()
-        t.append(self.now())
-        if self.dev == "cuda":
-            self.peak_fwd_bwd = torch.cuda.max_memory_allocated()  # read by profile_step
-        self.optimizer_step()
-        self.losses.append(loss.item())  # also a sync point, as train.py's loss.item()
-        t.append(self.now())
-        return [b - a for a, b in zip(t, t[1:])]
-
-    @torch.profiler.record_function("bench_train/optimizer")  # marks where fwd+bwd ends in profile_step
-    def optimizer_step(self) -> None:
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.opt)  # with fp16, skipped inside when the gradients hold inf/NaN
-        self.scaler.update()
-        self.skipped += int(self.scaler.get_scale() < scale)
-        self.opt.zero_grad(set_to_none=True)
-
-    def timed_step(self, batch) -> None:
-        self.phases.append(self.step(batch))
-        self.times.append(sum(self.phases[-1]))
-
-
-def equal_work_check(ours: Variant, peer: Variant, batch: dict, k: int) -> str:
-    """fp32, no autocast, first k pairs: same log-probs, DPO loss and gradients (asserted), no optimizer step."""
-    B = len(batch["lens"]) // 2
-    rows = torch.cat([torch.arange(k), B + torch.arange(k)]).to(batch["lens"].device)
-    sub = {key: v[rows] for key, v in batch.items()}
-    ref = ours.ref[rows]
-    out = {}
-    for v in (ours, peer):
-        lp = v.logps_fn(sub).float()
-        loss = losses.dpo(lp[:k], lp[k:], ref[:k], ref[k:], sub["lens"][:k], sub["lens"][k:])[0].mean()
-        loss.backward()
-        out[v.name] = (lp.detach(), loss.item(), {n: p.grad for n, p in v.model.named_parameters()})
-    (lp_o, loss_o, g_o), (lp_p, loss_p, g_p) = out["ours"], out["peer"]
-    if not g_o.keys() <= g_p.keys():
-        missing = sorted(g_o.keys() - g_p.keys())[:4]
-        raise SystemExit(f"bench_train.py: ours' parameters missing from the peer: {missing}")
-    lp_rel = ((lp_o - lp_p).abs() / lp_p.abs().clamp(min=1)).max().item()
-    g_max = max(g.abs().max().item() for g in g_p.values())
-    g_rel = max((g_o[n] - g_p[n]).abs().max().item() for n in g_o) / g_max
-    msg = (f"fp32 check on {k} pair(s): DPO loss ours {loss_o:.6f}, peer {loss_p:.6f} (|diff| "
-           f"{abs(loss_o - loss_p):.1e}); summed log-probs max rel diff {lp_rel:.1e}; gradients max |diff| / max "
-           f"|grad| {g_rel:.1e}")
-    if not (abs(loss_o - loss_p) <= 1e-5 + 1e-4 * abs(loss_p) and lp_rel < 1e-4 and g_rel < 1e-3):
-        raise SystemExit(f"bench_train.py: equal-work check FAILED, the two do not compute the same step (compare "
-                         f"model.py with transformers' Qwen2, e.g. tests/test_model.py): {msg}")
-    for v in (ours, peer):
-        v.opt.zero_grad(set_to_none=True)
-    return msg
-
-
-def profile_step(v: Variant, batch: dict) -> tuple[float, float, list[tuple[str, float]]]:
-    """(peak extra tensor bytes in forward + backward, in the whole step, top ops as (name, share of self time)) of
-    one untimed step (two on CUDA: the memory step runs without the profiler)."""
-    cuda = v.dev == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        v.step(batch)
-        torch.cuda.synchronize()
-        peaks = (v.peak_fwd_bwd - base, torch.cuda.max_memory_allocated() - base)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, profile_memory=not cuda) as prof:
-        v.step(batch)
-    if not cuda:
-        events = prof.profiler.kineto_results.events()
-        opt_start = min(e.start_ns() for e in events if e.name() == "bench_train/optimizer")
-        live, peaks = 0, [0, 0]
-        for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-            live += e.nbytes()  # + on allocation, - on free
-            peaks = [max(peaks[0], live) if e.start_ns() < opt_start else peaks[0], max(peaks[1], live)]
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ops = [e for e in prof.key_averages() if not e.key.startswith(("[", "bench_train/"))]
-    total = sum(getattr(e, key) for e in ops) or 1
-    top = sorted(ops, key=lambda e: -getattr(e, key))[:5]
-    return peaks[0], peaks[1], [(e.key, getattr(e, key) / total) for e in top]
-
-
-def gib(nbytes: float) -> str:
-    return "-" if nbytes != nbytes else f"{nbytes / 2**30:.2f}"  # nan: not measured (--no-profile)
+def workload_attention(args) -> dict:
+    """Forward + backward seconds of one packed micro-batch of 8 UF-like pairs, per CPU attention path."""
+    torch.manual_seed(0)
+    model = Qwen2(Qwen2Config(num_hidden_layers=min(args.layers, 4))).train()
+    rng = random.Random(1)
+    pairs = [data.Pair([3] * rng.randint(50, 250), [4] * rng.randint(100, 500), [5] * rng.randint(100, 500), row=i)
+             for i in range(8)]
+    largest, res = max(map(packing.size, pairs)), {}
+    variants = {f"sdpa, --pack-tokens {b}": (b, False) for b in (largest, 2048, 4096, sum(map(packing.size, pairs)))}
+    variants["flex (compiled, CPU), one row"] = (sum(map(packing.size, pairs)), True)
+    for name, (budget, flex) in variants.items():
+        batch = packing.pack(pairs, 0, budget)
+        fn = lambda: packing.packed_logps(model, *(batch[k] for k in packing.LAYOUT), n_seqs=16,  # noqa: E731
+                                          flex=flex).sum().backward()
+        if flex:
+            import model as model_module
+            model_module.flex_attention = torch.compile(model_module.flex_attention, dynamic=False)
+        fn()
+        secs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            secs.append(time.perf_counter() - t0)
+        res[name] = {"rows": tuple(batch["input_ids"].shape), "seconds": statistics.median(secs)}
+    print(f"\n(attention) {machine(args)}; 4 layers at real width, 8 pairs, {sum(map(packing.size, pairs))} tokens\n\n"
+          "| path | rows x L | fwd+bwd (s) |\n|---|---|---:|")
+    for name, r in res.items():
+        print(f"| {name} | {r['rows'][0]} x {r['rows'][1]} | {r['seconds']:.2f} |")
+    return res
 
 
 def machine(args) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    host = f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
-    if args.device == "cuda":
-        host = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), host {host}"
-    import transformers
-    return f"{host}, torch {torch.__version__}, transformers {transformers.__version__}"
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {where}, torch {torch.__version__}"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if importlib.util.find_spec("transformers") is None:
-        sys.exit("bench_train.py: the peer is transformers' Qwen2ForCausalLM: pip install -r requirements-dev.txt")
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    dev, config, load0, t_start = torch.device(args.device), make_config(args), os.getloadavg()[0], time.time()
-    ours_model = random_model(config, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:  # the peer gets exactly ours' weights, through the checkpoint format
-        ours_model.save_pretrained(tmp)
-        hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
-    ours_model.to(dev).train()
-    hf.to(dev).train()
-    batch = make_batch(args, config.vocab_size, dev)
-    scorer = Scorer(ours_model, args.chunk_size)
-    with torch.no_grad():  # "precomputed" reference: the start policy plus noise, so the loss is neither ln 2 nor flat
-        ref = scorer(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
-        ref += 5.0 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(args.seed)).to(dev)
-    ours = Variant("ours", ours_model, lambda b: scorer(b["input_ids"], b["attention_mask"], b["loss_mask"]),
-                   args, ref)
-    peer = Variant("peer", hf, lambda b: peer_logps(hf, b, args.peer_logps), args, ref)
-    check = equal_work_check(ours, peer, batch, args.check_pairs)
-    print(check, flush=True)
-    if args.compile:
-        compiled = torch.compile(scorer)
-        ours.logps_fn = lambda b: compiled(b["input_ids"], b["attention_mask"], b["loss_mask"])
-
-    def run(v: Variant, timed: bool) -> None:
-        if v.oom:
-            return
-        try:
-            v.timed_step(batch) if timed else v.step(batch)
-        except torch.OutOfMemoryError:  # a result, not a crash: the peer's [2B, T, V] logits may not fit
-            v.oom = True
-        if v.oom:  # outside the except block, whose traceback still holds the step's tensors
-            v.opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-
-    for _ in range(args.warmup):
-        for v in (ours, peer):
-            run(v, False)
-    first_loss = {v.name: v.losses[0] if v.losses else float("nan") for v in (ours, peer)}
-    for i in range(args.iters):
-        for v in (ours, peer) if i % 2 == 0 else (peer, ours):
-            run(v, True)
-    print(f"timed steps (s): ours {[round(t, 2) for t in ours.times]}, peer {[round(t, 2) for t in peer.times]}",
-          flush=True)
-    prof = {v.name: profile_step(v, batch) if not (args.no_profile or v.oom) else (float("nan"),) * 2 + ([],)
-            for v in (ours, peer)}
-
-    resident = sum(p.numel() * p.element_size() * 3 for p in ours_model.parameters())  # weights + AdamW m, v
-    flops = matmul_gflop(config, batch)
-    tokens = int(batch["attention_mask"].sum())
-    scored = int(batch["loss_mask"].sum())
-    N, T = batch["input_ids"].shape
-    mem_how = ("torch.cuda.max_memory_allocated - allocated before the step" if args.device == "cuda" else
-               "peak of live torch tensor bytes above the step's start, torch.profiler(profile_memory=True)")
-    print(f"\n**Machine**: {machine(args)}  ")
-    print(f"**Date**: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; 1-min load average {load0:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end; {time.time() - t_start:.0f} s in all  ")
-    print(f"**Config**: `{' '.join(sys.argv[1:]) or '(defaults)'}` -> {args.config} shape (vocab {config.vocab_size}, "
-          f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads}/"
-          f"{config.num_key_value_heads} heads), random weights; {args.batch_pairs} pairs = {N} x {T} tokens, prompt "
-          f"{args.prompt_len}, completion {T - args.prompt_len}{' (ragged)' if args.ragged else ''}: {tokens} real "
-          f"tokens, {scored} scored; {args.dtype}{' autocast + GradScaler' if args.dtype == 'fp16' else ''}"
-          f"{' autocast' if args.dtype == 'bf16' else ''}; DPO beta 0.1, clip 1.0, AdamW"
-          f"{' fused' if args.device == 'cuda' else ''}; chunk {args.chunk_size}; peer log-probs {args.peer_logps}"
-          f"{'; ours compiled' if args.compile else ''}; median of {args.iters} after {args.warmup} warm-up  ")
-    lo, lp = first_loss["ours"], first_loss["peer"]
-    differ = not (ours.oom or peer.oom or abs(lo - lp) <= 0.02 * abs(lo))  # also True for inf / nan
-    warn = " **(differ: not the same computation in this precision)**" if differ else ""
-    print(f"**Equal work**: {check}; first step in {args.dtype} (same weights): loss ours {lo:.4f}, peer {lp:.4f}"
-          f"{warn}  ")
-    print(f"**Memory**: {mem_how}; resident weights + AdamW state {resident / 2**30:.2f} GiB per model, not "
-          f"included\n")
-    print("| variant | steps/s | tokens/s | s/step median (min-max) | fwd / bwd / optimizer s | matmul GFLOP/step "
-          "(LM head) | GFLOP/s | peak memory GiB: fwd+bwd / step | fp16 skipped |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    med = {}
-    for v, label in ((ours, f"ours: Qwen2.sequence_logps (chunked head){', compiled' if args.compile else ''}"),
-                     (peer, f"peer: HF Qwen2ForCausalLM sdpa + {args.peer_logps} log_softmax")):
-        if v.oom:
-            print(f"| {label} | OOM | | | | {flops[v.name]:,.0f} ({flops['head_' + v.name]:,.0f}) | | OOM | |")
-            continue
-        med[v.name] = t = statistics.median(v.times)
-        phases = " / ".join(f"{statistics.median(p):.2f}" for p in zip(*v.phases))
-        print(f"| {label} | {1 / t:.3f} | {tokens / t:,.0f} | {t:.2f} ({min(v.times):.2f}-{max(v.times):.2f}) | "
-              f"{phases} | {flops[v.name]:,.0f} ({flops['head_' + v.name]:,.0f}) | {flops[v.name] / t:,.0f} | "
-              f"{gib(prof[v.name][0])} / {gib(prof[v.name][1])} | {v.skipped} |")
-    if len(med) == 2:
-        speedup = med["peer"] / med["ours"]
-        paired = [p / o for o, p in zip(ours.times, peer.times)]  # neighbouring steps: the same load, mostly
-        print(f"| **ours / peer** (speed: >1 = ours faster; GFLOP, memory: <1 = ours less) | **{speedup:.2f}x** | "
-              f"{speedup:.2f}x | paired: {statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f}) | | "
-              f"{flops['ours'] / flops['peer']:.2f}x | | "
-              + (f"{prof['ours'][0] / prof['peer'][0]:.2f}x / {prof['ours'][1] / prof['peer'][1]:.2f}x"
-                 if not args.no_profile else "") + " | |")
-    for name, (_, _, top) in prof.items():
-        if top:
-            print(f"\nTop ops of {name} (share of self {'CUDA' if args.device == 'cuda' else 'CPU'} time in the "
-                  f"profiled step): " + ", ".join(f"{k} {s:.0%}" for k, s in top))
+    if args.engine:  # a child process: one engine, one JSON line
+        folder = Path(args.dir)
+        r = run_ours(args, folder) if args.engine == "ours" else run_trl(args, folder, args.engine == "trl-precompute")
+        print(json.dumps(r))
+        return
+    res = {"trl": workload_trl, "tokens": lambda a: workload_tokens(), "attention": workload_attention}[args.workload](args)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"workload": args.workload, "args": vars(args), "results": res}, indent=1))
 
 
 if __name__ == "__main__":

@@ -401,3 +401,23 @@ def test_mixdpo_flags_are_checked_at_parse_time():
     assert train.get_args(["--loss", "amapo", "--no-adaptive", "--amapo-form", "paper"]).hparams["adaptive"] is False
     assert train.get_args(["--loss", "lmpo", "--lmpo-margin-grad"]).hparams["lmpo_margin_grad"] is True
     assert train.get_args(["--loss", "margin_sigmoid", "--softplus-hinge", "--delta", "0.8"]).hparams["delta"] == 0.8
+
+
+def test_adamw_with_its_state_allocated_up_front_steps_exactly_as_adamw():
+    """train.adamw allocates AdamW's state before step 1 (so step 1's peak already holds it): three steps give the
+    same parameters and state as torch's AdamW allocating lazily."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.1, weight_decay=0.01, fused=True)
+    opt_b = train.adamw(b.parameters(), lr=0.1, weight_decay=0.01)
+    assert all(len(opt_b.state[p]) == 3 for p in b.parameters())
+    for step in range(3):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
