@@ -1,12 +1,15 @@
 """Measure what a trained model learned, the way the DPO-family papers report it.
 
-    python evaluate.py prefs --model DIR --data test.jsonl [--ref-model M | --ref-cache DIR] --out prefs.json
-    python evaluate.py generate --model DIR --bench alpaca_eval|mt_bench|PATH.jsonl --out DIR [--sampling]
-    python evaluate.py judge --outputs model_outputs.json --reference ref.json --judge-url URL --judge-model NAME
-    python evaluate.py diagnostics RUN_DIR [RUN_DIR ...] --out DIR
+    python evaluate.py prefs --model DIR --data test.jsonl [--ref-model M | --ref-cache DIR] --out RUN/prefs.json
+    python evaluate.py generate --model RUN/final --bench alpaca_eval|mt_bench|PATH.jsonl --out RUN/alpaca_eval
+    python evaluate.py judge --outputs RUN/alpaca_eval/model_outputs.json --reference REF.json --judge-url URL ...
+    python evaluate.py judge --bench mt_bench --answers RUN/mt_bench/NAME.jsonl --judge-url URL ...
+    python evaluate.py diagnostics RUN [RUN ...] --out DIR
+    python evaluate.py report RUN [RUN ...] --out DIR
 
 prefs scores held-out pairs with the training path (data.score_pairs -> losses.compute), generate decodes with
-generate.py, judge is judge.py's client and statistics, diagnostics reads train.py's metrics.jsonl.
+generate.py, judge is judge.py's client with AlpacaEval's protocol (winrate.py's statistics) or mt_bench.py's
+FastChat grading, diagnostics and report (report.py) read what train.py and the other commands wrote.
 """
 import argparse
 import json
@@ -22,6 +25,8 @@ import data
 import generate
 import judge
 import losses
+import mt_bench
+import report
 from model import UserError
 
 
@@ -124,51 +129,56 @@ def cmd_prefs(args) -> dict:
 # ----------------------------------------------------------------------------- generation
 def load_prompts(bench: str) -> tuple[str, list[dict]]:
     """('alpaca', rows with 'instruction') or ('mt_bench', rows with 'question_id', 'category', 'turns')."""
-    hub = {"alpaca_eval": ("tatsu-lab/alpaca_eval", "alpaca_eval.json"),
-           "mt_bench": ("HuggingFaceH4/mt_bench_prompts", "raw/question.jsonl")}
-    if bench in hub:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError
-        try:
-            bench = hf_hub_download(*hub[bench], repo_type="dataset")
-        except (OSError, HfHubHTTPError) as e:  # offline, unreachable, no such file: all one message
-            raise UserError(f"cannot download {hub[bench][1]} of the Hub dataset {hub[bench][0]} "
-                            f"({type(e).__name__}); download it elsewhere and pass --bench PATH.json[l]") from None
+    if bench == "alpaca_eval":
+        bench = str(judge.hub_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", "dataset", "--bench"))
+    elif bench == "mt_bench":
+        bench = mt_bench.source(bench, "--questions")
     rows, out = data.read_records(bench), []
     if not rows:
         raise UserError(f"{bench}: no prompts in the file")
     first = rows[0] if isinstance(rows[0], dict) else {}
-    kind = "mt_bench" if isinstance(first.get("turns", first.get("prompt")), list) else "alpaca"
+    if isinstance(first.get("turns", first.get("prompt")), list):
+        return "mt_bench", mt_bench.check_questions(rows, bench)
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict):
             raise UserError(f"{bench}: row {i}: expected a JSON object, got {type(r).__name__}")
-        if kind == "mt_bench":
-            turns = r.get("turns", r.get("prompt"))  # FastChat's key, or the Hub copy's renamed one
-            if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
-                raise UserError(f"{bench}: row {i}: 'turns' must be a list of non-empty strings (FastChat format)")
-            out.append({"question_id": r.get("question_id", r.get("prompt_id", i)), "turns": turns})
-        else:
-            text = r.get("instruction", r.get("prompt"))
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{bench}: row {i}: needs a non-empty string 'instruction' (or 'prompt'), "
-                                f"or a 'turns' list")
-            out.append({"instruction": text, **({"dataset": r["dataset"]} if "dataset" in r else {})})
-    return kind, out
+        text = r.get("instruction", r.get("prompt"))
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{bench}: row {i}: needs a non-empty string 'instruction' (or 'prompt'), "
+                            f"or a 'turns' list")
+        out.append({"instruction": text, **({"dataset": r["dataset"]} if "dataset" in r else {})})
+    return "alpaca", out
+
+
+def decoding(kind: str, rows: list[dict], args, model_dir) -> list[dict]:
+    """Each prompt's sampling settings: --greedy, --sampling (the model's generation_config.json), else greedy for
+    AlpacaEval and FastChat's per-category temperature for MT-Bench (greedy where it is 0; top_k/top_p as
+    transformers' generate would take them, from generation_config.json, default 50 and 1.0)."""
+    if args.greedy or (kind == "alpaca" and not args.sampling):
+        return [generate.GREEDY] * len(rows)
+    if args.sampling:
+        return [generate.sampling_config(model_dir)] * len(rows)
+    g = generate.generation_config(model_dir)
+    temps = [mt_bench.TEMPERATURE.get(r["category"], mt_bench.DEFAULT_TEMPERATURE) for r in rows]
+    return [generate.GREEDY if t < 1e-4 else {"temperature": t, "top_k": int(g.get("top_k", 50)),
+                                               "top_p": float(g.get("top_p", 1.0))} for t in temps]
 
 
 def cmd_generate(args) -> dict:
     """`evaluate.py generate`: answers to every prompt of the benchmark, written in its format, and their lengths."""
     kind, rows = load_prompts(args.bench)
+    if kind == "mt_bench":  # FastChat's answer files are sorted by question_id
+        rows = sorted(rows, key=lambda r: (isinstance(r["question_id"], str), r["question_id"]))
     rows = rows[:args.limit] if args.limit else rows
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     policy, tok = load_policy(args, data.DTYPES[dtype])
-    sampling = generate.sampling_config(policy.source_dir) if args.sampling else generate.GREEDY
+    samplings = decoding(kind, rows, args, policy.source_dir)
     stop_ids, stop_strings = generate.stops(policy, tok)
     name = args.name or "-".join(Path(args.model).parts[-2:])  # runs/dpo/final -> dpo-final
-    print(f"generate: {len(rows)} {kind} prompts, generator={name}, {dtype}, sampling={sampling}, "
-          f"stop ids={stop_ids}, stop strings={stop_strings}")
-    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+    print(f"generate: {len(rows)} {kind} prompts, generator={name}, {dtype}, sampling="
+          f"{sorted({json.dumps(s) for s in samplings})}, stop ids={stop_ids}, stop strings={stop_strings}")
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
               stop_strings=stop_strings, seed=args.seed, compile=args.compile)
     turns = [r["turns"] if kind == "mt_bench" else [r["instruction"]] for r in rows]
     convs, answers, ntok, secs, cut = [[] for _ in rows], [[] for _ in rows], [], 0.0, 0
@@ -176,12 +186,14 @@ def cmd_generate(args) -> dict:
         live = [i for i in range(len(rows)) if t < len(turns[i])]
         for i in live:
             convs[i].append({"role": "user", "content": turns[i][t]})
-        prompts = [data.render_chatml(convs[i], add_generation_prompt=True) for i in live]
-        texts, n, s, c = generate.generate_texts(policy, tok, prompts, **kw)
-        for i, a in zip(live, texts):
-            convs[i].append({"role": "assistant", "content": a})
-            answers[i].append(a)
-        ntok, secs, cut = ntok + n, secs + s, cut + c
+        for sampling in dict.fromkeys(json.dumps(samplings[i]) for i in live):  # one call per setting
+            group = [i for i in live if json.dumps(samplings[i]) == sampling]
+            prompts = [data.render_chatml(convs[i], add_generation_prompt=True) for i in group]
+            texts, n, s, c = generate.generate_texts(policy, tok, prompts, sampling=json.loads(sampling), **kw)
+            for i, a in zip(group, texts):
+                convs[i].append({"role": "assistant", "content": a})
+                answers[i].append(a)
+            ntok, secs, cut = ntok + n, secs + s, cut + c
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if kind == "alpaca":
@@ -199,97 +211,15 @@ def cmd_generate(args) -> dict:
              "tokens": length_stats(ntok), "chars": length_stats(chars), "generated_tokens": sum(ntok),
              "hit_max_new_tokens": sum(n >= args.max_new_tokens for n in ntok), "generate_seconds": secs,
              "tokens_per_s": sum(ntok) / max(secs, 1e-9), "truncated_prompts": cut, "dtype": dtype,
-             "sampling": sampling, "stop_ids": stop_ids, "stop_strings": stop_strings, "args": vars(args)}
+             "sampling": samplings[0] if len({json.dumps(s) for s in samplings}) == 1 else "per category",
+             **({"temperatures": {r["category"]: s["temperature"] for r, s in zip(rows, samplings)}}
+                if kind == "mt_bench" else {}),
+             "stop_ids": stop_ids, "stop_strings": stop_strings, "args": vars(args)}
     (out / "generation_stats.json").write_text(json.dumps(stats, indent=2))
     print(f"wrote {path}\nanswer tokens {stats['tokens']}\nanswer chars  {stats['chars']}\n{cut} prompts longer than "
           f"the context minus --max-new-tokens kept their end; {stats['hit_max_new_tokens']} answers hit "
           f"--max-new-tokens; {sum(ntok)} tokens in {secs:.1f} s = {stats['tokens_per_s']:.1f} tokens/s")
     return stats
-
-
-# ----------------------------------------------------------------------------- training diagnostics
-def read_metrics(run: str) -> tuple[list[dict], int]:
-    """Rows of RUN/metrics.jsonl (or of the file itself; train.py's keys, eval ones prefixed "eval/") and the number
-    of unparsable lines skipped (a killed run leaves a torn last line)."""
-    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
-    if not path.is_file():
-        raise UserError(f"diagnostics: {path} not found; pass run folders containing metrics.jsonl")
-    lines = data.read_records(path, strict=False)
-    rows = [r for r in lines if isinstance(r, dict)]
-    return rows, len(lines) - len(rows)
-
-
-def series(rows, key) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the rows holding a finite number under key; step = row["step"], else the row index."""
-    pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
-           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
-
-
-def run_summary(rows) -> dict:
-    """Start and end (means of the first and last 10% of points) of the log-prob and reward curves, train and eval;
-    likelihood displacement (Razin et al. 2024: the chosen answers' log-prob falls although the margin grows); every
-    '*active*' metric (hinge active-pair fraction, overall and per length bucket); quantiles of the logged margins."""
-    out = {}
-    keys = [p + k for p in ("", "eval/") for k in ("logps/chosen", "logps/rejected", "rewards/margins",
-                                                  "rewards/accuracies")]
-    for key in keys + sorted({k for r in rows for k in r if "active" in k}):
-        if (v := series(rows, key)[1]).size:
-            k = max(1, v.size // 10)
-            out[key] = {"start": float(v[:k].mean()), "end": float(v[-k:].mean()), "mean": float(v.mean()),
-                        "n": int(v.size)}
-    for p in ("", "eval/"):
-        if p + "logps/chosen" in out:
-            out[p + "likelihood_displacement"] = out[p + "logps/chosen"]["end"] < out[p + "logps/chosen"]["start"]
-    if (m := series(rows, "eval/rewards/margins")[1]).size or (m := series(rows, "rewards/margins")[1]).size:
-        out["margins_quantiles"] = dict(zip(("p10", "p50", "p90"), np.percentile(m, [10, 50, 90]).tolist()))
-    return out
-
-
-def cmd_diagnostics(args) -> dict:
-    """`evaluate.py diagnostics`: a text table, JSON and (with matplotlib) plots of the runs' training curves."""
-    runs = {str(r): read_metrics(r) for r in args.runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary, lines = {name: {"bad_lines": bad, **run_summary(rows)} for name, (rows, bad) in runs.items()}, []
-    for name, s in summary.items():
-        lines.append(f"== {name}" + (f"  ({s['bad_lines']} unparsable lines skipped)" if s["bad_lines"] else ""))
-        for key, val in s.items():
-            if isinstance(val, dict):
-                lines.append(f"  {key:<40} " + "  ".join(f"{k}={x:.4g}" for k, x in val.items()))
-            elif key.endswith("likelihood_displacement"):
-                lines.append(f"  {key:<40} {'YES: logps/chosen fell' if val else 'no: logps/chosen did not fall'}")
-    print("\n".join(lines))
-    (out / "diagnostics.txt").write_text("\n".join(lines) + "\n")
-    (out / "diagnostics.json").write_text(json.dumps(summary, indent=2))
-    try:
-        import matplotlib
-    except ImportError:
-        print("diagnostics: matplotlib is not installed: text table only (pip install matplotlib for plots)")
-        return summary
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
-    for c, (name, (rows, _)) in enumerate(runs.items()):
-        color, label = f"C{c}", Path(name).name or name
-        for key, style in (("logps/chosen", "-"), ("logps/rejected", "--"), ("eval/logps/chosen", "o-"),
-                           ("eval/logps/rejected", "o--")):
-            ax[0, 0].plot(*series(rows, key), style, color=color, label=f"{label} {key}")
-        ax[0, 1].plot(*series(rows, "rewards/margins"), color=color, label=f"{label} train")
-        ax[0, 1].plot(*series(rows, "eval/rewards/margins"), "o-", color=color, label=f"{label} eval")
-        for j, key in enumerate(sorted({k for r in rows for k in r if "active" in k})):
-            ax[1, 0].plot(*series(rows, key), ["-", "--", ":", "-."][j % 4], color=color, label=f"{label} {key}")
-        ax[1, 1].hist(series(rows, "rewards/margins")[1], bins=30, alpha=0.5, color=color, label=label)
-    for a, title in zip(ax.flat, ("summed log-probs (chosen solid, rejected dashed, eval o)", "reward margin",
-                                  "active-pair fraction", "distribution of logged train rewards/margins")):
-        a.set_title(title, fontsize=10)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "diagnostics.png", dpi=100)
-    plt.close(fig)
-    print(f"diagnostics: wrote {out / 'diagnostics.png'}, diagnostics.txt, diagnostics.json")
-    return summary
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -325,40 +255,75 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="folder: model_outputs.json or <name>.jsonl, generation_stats.json")
     g.add_argument("--name", default=None, help="generator / model_id in the outputs (None: last 2 path parts)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="answer token cap per turn")
-    g.add_argument("--sampling", action="store_true", help="sample as the model's generation_config.json says")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i of a turn uses seed + i, whatever "
-                   "its batch)")
+    d = g.add_mutually_exclusive_group()
+    d.add_argument("--sampling", action="store_true", help="sample every prompt as the model's generation_config.json "
+                   "says (default: greedy; MT-Bench: FastChat's temperature per category, greedy where it is 0)")
+    d.add_argument("--greedy", action="store_true", help="greedy for every prompt, MT-Bench included")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i of a turn and setting uses seed + i, "
+                   "whatever its batch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (costs compile time; on "
                    "CUDA the step is replayed as a CUDA graph with or without it)")
-    g.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
+    g.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all; MT-Bench: by question_id)")
 
-    sp = sub.add_parser("judge", help="pairwise win rate and LC win rate via an OpenAI-compatible endpoint",
+    sp = sub.add_parser("judge", help="AlpacaEval win rates or MT-Bench grades from an OpenAI-compatible judge",
                         formatter_class=data.HelpFormatter)
-    g = sp.add_argument_group("outputs")
-    g.add_argument("--outputs", required=True, help="model_outputs.json of the model to judge")
-    g.add_argument("--reference", required=True, help="reference outputs, same format (e.g. AlpacaEval's baseline)")
-    g.add_argument("--out", default=None, help="results JSON (None: CACHE/judge_results.json)")
-    g = sp.add_argument_group("judge endpoint")
-    g.add_argument("--judge-url", required=True, help="base URL (.../v1) or the full .../chat/completions URL")
-    g.add_argument("--judge-model", required=True, help="model name sent to the endpoint")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    g.add_argument("--cache", default=None, help="verdict cache folder (None: judge_cache next to --outputs)")
+    sp.add_argument("--bench", choices=["alpaca_eval", "mt_bench"], default="alpaca_eval", help="the protocol")
+    sp.add_argument("--out", default=None, help="folder for the results (None: the folder of --outputs, --answers or "
+                    "--annotations)")
+    g = sp.add_argument_group("alpaca_eval (judge.py, winrate.py)")
+    g.add_argument("--outputs", default=None, help="model_outputs.json of the model to judge")
+    g.add_argument("--reference", default=None, help="reference outputs, same format, or alpaca_eval: AlpacaEval 2's "
+                   "baseline (GPT-4 Turbo's outputs, from the Hub)")
+    g.add_argument("--annotations", default=None, help="instead of asking a judge: an alpaca_eval annotations file "
+                   "(ours or alpaca_eval's annotations.json) to compute the win rates of")
+    g.add_argument("--judge-mode", choices=["weighted", "binary"], default="weighted", help="weighted: preference "
+                   "from the top log-probabilities of m/M (alpaca_eval 2's standard judge); binary: the reply m or M")
+    g.add_argument("--judge-template", default=None, help="an alpaca_eval judge template file, read unchanged (e.g. "
+                   "its evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt; None: our own prompt)")
+    g.add_argument("--df-gamed", default="hub", help="alpaca_eval's df_gamed.csv for the LC win rate: a path, or hub "
+                   "(tatsu-lab/alpaca_eval)")
+    g.add_argument("--no-lc", action="store_true", help="skip the length-controlled win rate")
+    g.add_argument("--name", default=None, help="generator_2 when the outputs have no 'generator' (None: their folder)")
+    g = sp.add_argument_group("mt_bench (mt_bench.py)")
+    g.add_argument("--answers", default=None, help="FastChat answer JSONL (evaluate.py generate --bench mt_bench)")
+    g.add_argument("--questions", default="mt_bench", help="FastChat question.jsonl, or mt_bench (the Hub)")
+    g.add_argument("--references", default="mt_bench", help="FastChat reference answers (gpt-4.jsonl) for math, "
+                   "reasoning and coding, or mt_bench (the Hub)")
+    g.add_argument("--judge-prompts", default="mt_bench", help="FastChat judge_prompts.jsonl, or mt_bench (the Hub)")
+    g = sp.add_argument_group("judge endpoint (judge.py)")
+    g.add_argument("--judge-url", default=None, help="base URL (.../v1) or the full .../chat/completions URL")
+    g.add_argument("--judge-model", default=None, help="model name sent to the endpoint")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key ('': "
+                   "send none)")
+    g.add_argument("--cache", default=None, help="verdict cache folder (None: OUT/judge_cache)")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
-    g.add_argument("--max-retries", type=int, default=6, help="retries on timeout, 429 and 5xx")
+    g.add_argument("--max-retries", type=int, default=6, help="retries on timeouts, connection errors, 429 and 5xx")
     g.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
-    g.add_argument("--retry-malformed", action="store_true", help="ask again where the cached reply was malformed")
+    g.add_argument("--parse-retries", type=int, default=2, help="times a reply without a verdict is asked again")
+    g.add_argument("--retry-malformed", action="store_true", help="ask again where the cached reply had no verdict")
+    g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M prompt tokens (0 = unknown)")
+    g.add_argument("--price-output", type=float, default=0.0, help="USD per 1M completion tokens (0 = unknown)")
 
     sp = sub.add_parser("diagnostics", help="log-prob curves, hinge active fraction and margins from metrics.jsonl",
                         formatter_class=data.HelpFormatter)
     sp.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl) or metrics.jsonl files")
     sp.add_argument("--out", required=True, help="folder for diagnostics.png, .txt and .json")
+    sp = sub.add_parser("report", help="one table (markdown, CSV) and plots of several evaluated runs",
+                        formatter_class=data.HelpFormatter)
+    sp.add_argument("runs", nargs="+", help="run folders (args.json, metrics.jsonl, prefs.json and the judge results "
+                    "evaluate.py wrote into them)")
+    sp.add_argument("--out", required=True, help="folder for report.md, report.csv and report.png")
+    sp.add_argument("--title", default="", help="a title over the plots (say which judge and data they come from)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     print("evaluate.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
-    commands = {"prefs": cmd_prefs, "generate": cmd_generate, "judge": judge.cmd_judge, "diagnostics": cmd_diagnostics}
+    judge_cmd = mt_bench.cmd_judge if getattr(args, "bench", None) == "mt_bench" else judge.cmd_judge
+    commands = {"prefs": cmd_prefs, "generate": cmd_generate, "judge": judge_cmd,
+                "diagnostics": report.cmd_diagnostics, "report": report.cmd_report}
     return commands[args.cmd](args)
 
 

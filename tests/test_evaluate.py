@@ -10,35 +10,41 @@ import pytest
 import evaluate
 import generate
 from model import UserError
+from test_judge import server  # noqa: F401  (fixture: the fake OpenAI endpoint on 127.0.0.1)
 
 
 # ----------------------------------------------------------------------------- diagnostics
-def _write_runs(tmp_path):
+def _write_runs(tmp_path, names="new"):
     """Run 'hinge': chosen log-probs fall (-40 -> -70) while rejected fall faster (likelihood displacement);
-    active fraction 1 -> 0.2 overall, by length bucket. Run 'dpo': chosen rises. Plus eval rows and a torn line."""
+    active fraction 1 -> 0.2 overall, by length bucket. Run 'dpo': chosen rises. Plus eval rows and a torn line.
+    names: "new" = TRL's (learning_rate, eval_...), "old" = what train.py wrote before (lr, eval/...)."""
     runs = {}
+    lr, ev = ("learning_rate", "eval_") if names == "new" else ("lr", "eval/")
     for name, c0, c1 in (("hinge", -40.0, -70.0), ("dpo", -40.0, -30.0)):
         rows = []
         for s in range(1, 51):
             f = s / 50
             row = {"step": s, "loss": 1 - 0.5 * f, "logps/chosen": c0 + (c1 - c0) * f, "logps/rejected": -40 - 60 * f,
-                   "rewards/margins": 2 * f, "rewards/accuracies": 0.5 + 0.4 * f, "rewards/chosen": 0.1}
+                   "rewards/margins": 2 * f, "rewards/accuracies": 0.5 + 0.4 * f, "rewards/chosen": 0.1, lr: 1e-6}
             if name == "hinge":
                 row.update({"hinge/active_fraction": 1 - 0.8 * f, "hinge/active_fraction/len_0-128": 1 - 0.9 * f,
                             "hinge/active_fraction/len_128+": 1 - 0.5 * f})
             rows.append(row)
             if s % 10 == 0:
-                rows.append({"step": s, "eval/logps/chosen": c0 + (c1 - c0) * f, "eval/rewards/margins": 1.5 * f,
-                             "eval/rewards/accuracies": 0.5 + 0.3 * f})
+                rows.append({"step": s, ev + "logps/chosen": c0 + (c1 - c0) * f, ev + "rewards/margins": 1.5 * f,
+                             ev + "rewards/accuracies": 0.5 + 0.3 * f})
         d = tmp_path / name
         d.mkdir()
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 51, "logps/cho')
+        (d / "args.json").write_text(json.dumps({"loss": name, "lr": 1e-6, "hparams": {"beta": 0.1}}))
         runs[name] = d
     return runs
 
 
-def test_diagnostics_plots_and_table(tmp_path, capsys):
-    runs = _write_runs(tmp_path)
+@pytest.mark.parametrize("names", ["new", "old"])
+def test_diagnostics_plots_and_table(tmp_path, capsys, names):
+    """The same summary (in TRL's names) whether metrics.jsonl uses TRL's names or the old ones."""
+    runs = _write_runs(tmp_path, names)
     out = tmp_path / "diag"
     summary = evaluate.main(["diagnostics", str(runs["hinge"]), str(runs["dpo"]), "--out", str(out)])
     h, d = summary[str(runs["hinge"])], summary[str(runs["dpo"])]
@@ -46,7 +52,8 @@ def test_diagnostics_plots_and_table(tmp_path, capsys):
     assert h["logps/chosen"]["start"] == pytest.approx(np.mean([-40 - 30 * s / 50 for s in range(1, 6)]))
     assert h["logps/chosen"]["end"] == pytest.approx(np.mean([-40 - 30 * s / 50 for s in range(46, 51)]))
     assert h["likelihood_displacement"] is True and d["likelihood_displacement"] is False
-    assert h["eval/likelihood_displacement"] is True and h["bad_lines"] == 1
+    assert h["eval_likelihood_displacement"] is True and h["bad_lines"] == 1
+    assert h["eval_rewards/accuracies"]["end"] == pytest.approx(0.8) and "eval/rewards/accuracies" not in h
     assert h["hinge/active_fraction"]["mean"] == pytest.approx(np.mean([1 - 0.8 * s / 50 for s in range(1, 51)]))
     assert h["hinge/active_fraction/len_0-128"]["end"] < h["hinge/active_fraction/len_128+"]["end"]
     assert "hinge/active_fraction" not in d
@@ -57,6 +64,14 @@ def test_diagnostics_plots_and_table(tmp_path, capsys):
     assert "YES: logps/chosen fell" in table and "no: logps/chosen did not fall" in table
     assert "hinge/active_fraction/len_128+" in table
     assert json.loads((out / "diagnostics.json").read_text())[str(runs["dpo"])]["logps/chosen"]["n"] == 50
+
+
+def test_metric_names_old_and_new():
+    """lr -> learning_rate, eval/x -> eval_x; TRL's names and every other key unchanged."""
+    import report
+    old = {"step": 3, "lr": 1e-6, "eval/rewards/margins": 0.5, "eval/loss": 0.6, "rewards/margins": 0.1}
+    new = {"step": 3, "learning_rate": 1e-6, "eval_rewards/margins": 0.5, "eval_loss": 0.6, "rewards/margins": 0.1}
+    assert report.normalise(old) == new and report.normalise(new) == new
 
 
 def test_diagnostics_without_matplotlib(tmp_path, monkeypatch, capsys):
@@ -328,3 +343,152 @@ def test_generate_sampling_from_generation_config(chatty_model_dir, tmp_path, ca
         assert evaluate.main(argv)["sampling"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8}
         outs.append([r["output"] for r in json.loads((tmp_path / "o" / "model_outputs.json").read_text())])
     assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_generate_mt_bench_fastchat_temperatures(chatty_model_dir, tmp_path, monkeypatch):
+    """MT-Bench answers: rows sorted by question_id; FastChat's temperature per category (math 0 -> greedy, stem 0.1,
+    writing 0.7, an unknown category 0.7), top_k/top_p from generation_config.json as transformers would take them
+    (50 and 1.0 without one); both turns of a question decode alike. --greedy and --sampling override it."""
+    import shutil
+    model_dir = tmp_path / "m"
+    shutil.copytree(chatty_model_dir, model_dir)
+    questions = [{"question_id": 103, "category": "writing", "turns": ["Write 103.", "Again 103."]},
+                 {"question_id": 81, "category": "math", "turns": ["Add 81.", "Again 81."]},
+                 {"question_id": 120, "category": "stem", "turns": ["Explain 120."]},
+                 {"question_id": 99, "category": "weird", "turns": ["Do 99.", "Again 99."]}]
+    bench = tmp_path / "question.jsonl"
+    bench.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    seen, real = [], generate.generate_texts
+
+    def spy(model, tok, prompts, *, sampling, **kw):
+        seen.extend((p, sampling) for p in prompts)
+        return real(model, tok, prompts, sampling=sampling, **kw)
+    monkeypatch.setattr(generate, "generate_texts", spy)
+
+    def run(*flags):
+        seen.clear()
+        stats = evaluate.main(["generate", "--model", str(model_dir), "--bench", str(bench), "--out",
+                               str(tmp_path / "mt"), "--max-new-tokens", "4", "--name", "t", *flags])
+        by_q = {}
+        for prompt, sampling in seen:
+            by_q.setdefault(int(next(w for w in prompt.replace(".", " ").split() if w.isdigit())), []).append(sampling)
+        return stats, by_q
+    stats, by_q = run()
+    rows = [json.loads(x) for x in (tmp_path / "mt" / "t.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [81, 99, 103, 120]
+    assert [len(r["choices"][0]["turns"]) for r in rows] == [2, 2, 2, 1]
+    hot = {"temperature": 0.7, "top_k": 50, "top_p": 1.0}
+    assert by_q == {81: [generate.GREEDY] * 2, 99: [hot] * 2, 103: [hot] * 2,
+                    120: [{"temperature": 0.1, "top_k": 50, "top_p": 1.0}]}
+    assert stats["temperatures"] == {"math": 0.0, "weird": 0.7, "writing": 0.7, "stem": 0.1}
+    (model_dir / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.9, "top_k": 20,
+                                                                  "top_p": 0.8}))
+    assert run()[1][103] == [{"temperature": 0.7, "top_k": 20, "top_p": 0.8}] * 2
+    assert all(s == [generate.GREEDY] * len(s) for s in run("--greedy")[1].values())
+    assert all(s == [{"temperature": 0.9, "top_k": 20, "top_p": 0.8}] * len(s) for s in run("--sampling")[1].values())
+
+
+# ----------------------------------------------------------------------------- from runs to the report
+def _run_folder(path, loss, args_lr_key, rows, prefs=None):
+    path.mkdir(parents=True)
+    (path / "args.json").write_text(json.dumps({"loss": loss, args_lr_key: 1e-6 if loss == "dpo" else 5e-7,
+                                                "epochs": 3, "batch_size": 8,
+                                                "hparams": {"beta": 0.1} if loss == "dpo" else
+                                                {"beta": 2.0, "gamma_beta_ratio": 0.5}}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if prefs:
+        (path / "prefs.json").write_text(json.dumps(prefs))
+    return path
+
+
+def test_from_runs_to_the_report(chatty_model_dir, tmp_path, server):
+    """The README's path: two runs (dpo: old metric names and a prefs.json; simpo: TRL's names, held-out metrics from
+    its last eval_ row) -> generate -> judge (fake judge on 127.0.0.1) -> report. AlpacaEval, by hand: run dpo's
+    preferences 1.75, 1.75, 1.25, 1.25 (the model wins 'easy' instructions with P = .75, loses the others with .25):
+    WR 50, SE 100·std(.75, .75, .25, .25)/2 = 14.4338; run simpo: 1.75 everywhere, WR 75 ± 0. MT-Bench (dpo only):
+    writing 8 then 4, math 6 then 2: turn 1 7.0, turn 2 3.0, mean 5.0."""
+    from test_judge import PROMPTS, completion, gamed_file, jsonl, shown
+    rows_old = [{"step": s, "lr": 1e-6, "logps/chosen": -40 - s, "logps/rejected": -40 - 2 * s,
+                 "rewards/margins": 0.01 * s} for s in range(1, 11)] + [
+                {"step": 10, "eval/rewards/accuracies": 0.6, "eval/rewards/margins": 0.2}]
+    rows_new = [{"step": s, "learning_rate": 5e-7, "logps/chosen": -40 + s, "logps/rejected": -40 - s,
+                 "rewards/margins": 0.1 * s} for s in range(1, 11)] + [
+                {"step": 5, "eval_rewards/accuracies": 0.7, "eval_rewards/margins": 0.9},
+                {"step": 10, "eval_rewards/accuracies": 0.8, "eval_rewards/margins": 1.5}]
+    dpo = _run_folder(tmp_path / "runs" / "dpo", "dpo", "lr", rows_old, {"rewards/accuracies": 0.625,
+                                                                         "rewards/margins": 0.25})
+    simpo = _run_folder(tmp_path / "runs" / "simpo", "simpo", "learning_rate", rows_new)
+    instructions = ["An easy one?", "Another easy one?", "A hard one?", "Another hard one?"]
+    bench = jsonl(tmp_path / "alpaca.jsonl", [{"instruction": i} for i in instructions])
+    refs = (tmp_path / "ref.json")
+    refs.write_text(json.dumps([{"instruction": i, "output": f"REFERENCE {k}", "generator": "base"}
+                                for k, i in enumerate(instructions)]))
+    gamed, _ = gamed_file(tmp_path, 4)
+    common = ["--judge-url", server.url, "--judge-model", "fake", "--api-key-env", ""]
+    for run, p_easy, p_hard in ((dpo, 0.75, 0.25), (simpo, 0.75, 0.75)):
+        evaluate.main(["generate", "--model", str(chatty_model_dir), "--bench", str(bench), "--out",
+                       str(run / "alpaca_eval"), "--max-new-tokens", "6", "--name", run.name])
+
+        def respond(body, p_easy=p_easy, p_hard=p_hard):
+            instruction, m, _ = shown(body)
+            p_model = p_easy if "easy" in instruction else p_hard
+            pm = 1 - p_model if m.startswith("REFERENCE") else p_model
+            return 200, completion("m", {"m": math.log(pm), "M": math.log(1 - pm)})
+        server.respond = respond
+        evaluate.main(["judge", "--outputs", str(run / "alpaca_eval" / "model_outputs.json"), "--reference",
+                       str(refs), "--df-gamed", str(gamed), *common])
+    questions = jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "category": "writing", "turns": ["Write.", "More."]},
+                                            {"question_id": 2, "category": "math", "turns": ["Add.", "More."]}])
+    evaluate.main(["generate", "--model", str(chatty_model_dir), "--bench", str(questions), "--out",
+                   str(dpo / "mt_bench"), "--max-new-tokens", "6", "--name", "dpo"])
+    server.respond = lambda body: (200, completion("[[%d]]" % {(False, False): 8, (False, True): 4, (True, False): 6,
+                                                               (True, True): 2}[
+        "Add." in body["messages"][-1]["content"], "[Q2]" in body["messages"][-1]["content"]]))
+    mt = evaluate.main(["judge", "--bench", "mt_bench", "--answers", str(dpo / "mt_bench" / "dpo.jsonl"),
+                        "--questions", str(questions), "--references", str(jsonl(tmp_path / "r.jsonl", [
+                            {"question_id": 2, "choices": [{"turns": ["3", "4"]}]}])),
+                        "--judge-prompts", str(jsonl(tmp_path / "p.jsonl", PROMPTS)), *common])
+    assert (mt["turn_1"], mt["turn_2"], mt["mean"]) == (7.0, 3.0, 5.0)
+
+    rows = evaluate.main(["report", str(dpo), str(simpo), "--out", str(tmp_path / "report")])
+    a = json.loads((dpo / "alpaca_eval" / "judge_results.json").read_text())
+    got = {r["run"]: r for r in rows}
+    assert got["dpo"]["alpaca_wr"] == pytest.approx(50.0) and got["dpo"]["alpaca_wr_se"] == pytest.approx(14.4338,
+                                                                                                        abs=1e-4)
+    assert got["dpo"]["alpaca_lc"] == a["length_controlled_winrate"] and got["dpo"]["alpaca_lc_se"] is not None
+    assert got["simpo"]["alpaca_wr"] == pytest.approx(75.0) and got["simpo"]["alpaca_wr_se"] == pytest.approx(0.0)
+    assert (got["dpo"]["mt_bench_turn_1"], got["dpo"]["mt_bench_turn_2"], got["dpo"]["mt_bench_mean"]) == (7, 3, 5)
+    assert got["simpo"]["mt_bench_mean"] is None
+    assert (got["dpo"]["heldout_reward_accuracy"], got["dpo"]["heldout_reward_margin"]) == (0.625, 0.25)
+    assert (got["simpo"]["heldout_reward_accuracy"], got["simpo"]["heldout_reward_margin"]) == (0.8, 1.5)
+    assert got["dpo"]["hyperparameters"] == "lr=1e-06 epochs=3 batch=8 beta=0.1"
+    assert got["simpo"]["hyperparameters"] == "lr=5e-07 epochs=3 batch=8 beta=2 gamma_beta_ratio=0.5"
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| dpo | dpo | lr=1e-06 epochs=3 batch=8 beta=0.1 | 50.0 ± 14.4 |" in md
+    assert "| 7.00 | 3.00 | 5.00 | 0.625 | 0.250 |" in md and "| – | – | – | 0.800 | 1.500 |" in md
+    with open(tmp_path / "report" / "report.csv", newline="") as f:
+        table = list(__import__("csv").DictReader(f))
+    assert [r["run"] for r in table] == ["dpo", "simpo"] and float(table[1]["alpaca_wr"]) == pytest.approx(75.0)
+    assert table[1]["mt_bench_mean"] == "" and table[0]["heldout_from"] == "prefs.json"
+    png = (tmp_path / "report" / "report.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and 20_000 < len(png) < 300_000
+
+
+def test_report_plots_keep_margin_kinds_apart(tmp_path):
+    """report.png: every axis labelled with its unit; the dpo run's margins (reference-based) and simpo's
+    (reference-free) never share an axis; the radar holds the MT-Bench categories."""
+    import report
+    dpo = _run_folder(tmp_path / "dpo", "dpo", "lr", [{"step": s, "rewards/margins": 0.1 * s} for s in range(5)])
+    simpo = _run_folder(tmp_path / "simpo", "simpo", "learning_rate",
+                        [{"step": s, "rewards/margins": 0.5 * s, "logps/chosen": -s} for s in range(5)])
+    (dpo / "mt_bench_results.json").write_text(json.dumps({"turn_1": 7, "turn_2": 5, "mean": 6, "categories": {
+        "writing": {"mean": 7}, "math": {"mean": 5}, "stem": {"mean": 6}}}))
+    info = report.plot_report([report.read_run(str(dpo)), report.read_run(str(simpo))], tmp_path / "r.png")
+    margins = {t: v for t, v in info.items() if t.startswith("reward margin")}
+    assert set(margins) == {"reward margin, reference-based losses", "reward margin, reference-free losses"}
+    assert all(label.startswith("dpo") for label in margins["reward margin, reference-based losses"]["lines"])
+    assert all(label.startswith("simpo") for label in margins["reward margin, reference-free losses"]["lines"])
+    assert "nats" in margins["reward margin, reference-based losses"]["y"]
+    assert all(v["x"] and v["y"] for t, v in info.items() if not t.startswith("MT-Bench"))
+    assert info["MT-Bench score by category (1–10, both turns)"]["x"] == ["math", "stem", "writing"]
+    assert "%" in info["AlpacaEval vs the reference outputs"]["y"]
