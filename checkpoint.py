@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import data
+import distributed
 from model import Qwen2, UserError
 
 # Arguments that do not change what is trained: they may differ when a run is resumed.
@@ -106,63 +107,84 @@ def find(out_dir: Path) -> Path:
     return found[-1][1]
 
 
-def finite(model) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
-
-
 def save(out_dir: Path, step: int, model, opt, scaler, loss_state: dict, counters: dict, args) -> Path | None:
-    """ckpt-{step}: written whole to ckpt-{step}.tmp and fsynced, renamed into place (an existing folder of the
-    same step is renamed aside first, not deleted), then latest.json is swapped and older checkpoints removed. A
-    failed write (disk full) is a UserError; the previous checkpoint and pointer stay as they were."""
-    if not finite(model):  # a checkpoint never holds non-finite weights: the previous one stays the newest
+    """ckpt-{step}, called on every rank: written whole to ckpt-{step}.tmp and fsynced, renamed into place (an
+    existing folder of the same step is renamed aside first, not deleted), then latest.json is swapped and older
+    checkpoints removed. A sharded (FSDP2) model and its AdamW state go to shards/ (torch.distributed.checkpoint,
+    every rank its own); otherwise rank 0 writes the model as a Hugging Face folder and optimizer.safetensors. A
+    failed write (disk full) is a UserError; the previous checkpoint and pointer stay as they were. Non-finite
+    weights are never saved (None is returned)."""
+    if not distributed.all_finite(model):  # the previous checkpoint stays the newest
         print(f"step {step}: the weights are not finite; no checkpoint is saved")
         return None
     final, tmp, aside = (out_dir / f"ckpt-{step:06d}{s}" for s in ("", ".tmp", ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    sd = opt.state_dict()
-    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    state = {"step": step, "param_groups": sd["param_groups"], "scaler": scaler.state_dict(), "counters": counters,
-             "loss_state": {k: v for k, v in loss_state.items() if not torch.is_tensor(v)}, "args": vars(args)}
+    rank0, shards = distributed.rank() == 0, distributed.sharded(model)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
     try:
-        model.save_pretrained(tmp)
-        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()},
-                  str(tmp / "optimizer.safetensors"))
-        tensors = {k: v.detach().cpu() for k, v in loss_state.items() if torch.is_tensor(v)}
-        save_file(tensors or {"_": torch.zeros(0)}, str(tmp / "loss_state.safetensors"))
-        save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=1, default=str))  # last: marks it complete
-        _fsync_dir(tmp)
+        if shards:
+            distributed.save_shards(tmp / "shards", model, opt)
+        distributed.barrier()
+        if rank0:
+            _write_state(tmp, step, model, opt, scaler, loss_state, counters, args, shards)
     except (OSError, SafetensorError) as e:  # disk full, quota: safetensors reports its I/O errors as its own
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {tmp} ({_reason(e)}); the previous checkpoint, if any, is "
                         "intact: free disk space, then --resume") from None
-    if final.exists():
-        os.replace(final, aside)
-    os.replace(tmp, final)
-    data.atomic_write(out_dir / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name,
-                                                                              "step": step})))
-    _fsync_dir(out_dir)
-    for old in out_dir.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    if rank0:
+        if final.exists():
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        data.atomic_write(out_dir / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name,
+                                                                                  "step": step})))
+        _fsync_dir(out_dir)
+        for old in out_dir.glob("ckpt-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
+def _write_state(tmp: Path, step: int, model, opt, scaler, loss_state: dict, counters: dict, args,
+                 shards: bool) -> None:
+    """Rank 0's part of a checkpoint; train_state.json is written last and marks the folder complete."""
+    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    state = {"step": step, "sharded": shards, "scaler": scaler.state_dict(), "counters": counters,
+             "loss_state": {k: v for k, v in loss_state.items() if not torch.is_tensor(v)}, "args": vars(args)}
+    if not shards:
+        model.save_pretrained(tmp)
+        sd = opt.state_dict()
+        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()},
+                  str(tmp / "optimizer.safetensors"))
+        state["param_groups"] = sd["param_groups"]
+    tensors = {k: v.detach().cpu() for k, v in loss_state.items() if torch.is_tensor(v)}
+    save_file(tensors or {"_": torch.zeros(0)}, str(tmp / "loss_state.safetensors"))
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "train_state.json").write_text(json.dumps(state, indent=1, default=str))
+    for folder in [tmp] + ([tmp / "shards"] if shards else []):
+        _fsync_dir(folder)
+
+
 def load(ckpt: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
-    """Restore weights, optimizer, scaler, loss state and RNG from a checkpoint folder; returns (step, counters).
-    An unreadable file in it is a UserError naming the file."""
+    """Restore weights, optimizer, scaler, loss state and RNG from a checkpoint folder, on every rank; returns
+    (step, counters). An unreadable file in it is a UserError naming the file."""
     state = _read_json(ckpt / "train_state.json")
-    model.load_state_dict(Qwen2.from_pretrained(ckpt).state_dict())
     try:
-        flat, opt_state = load_file(str(ckpt / "optimizer.safetensors")), {}
+        if state.get("sharded"):
+            distributed.load_shards(ckpt / "shards", model, opt)
+        else:
+            model.load_state_dict(Qwen2.from_pretrained(ckpt).state_dict())
+            flat, opt_state = load_file(str(ckpt / "optimizer.safetensors")), {}
+            for name, v in flat.items():
+                i, k = name.split(".", 1)
+                opt_state.setdefault(int(i), {})[k] = v
+            opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
         tensors = load_file(str(ckpt / "loss_state.safetensors"))
         rng = load_file(str(ckpt / "rng.safetensors"))
     except (OSError, SafetensorError) as e:
         raise UserError(f"--resume: {ckpt} is damaged ({e}); delete it to resume from an older checkpoint") from None
-    for name, v in flat.items():
-        i, k = name.split(".", 1)
-        opt_state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scaler.load_state_dict(state["scaler"])
     loss_state.clear()
     loss_state.update({k: v for k, v in tensors.items() if k != "_"} | state["loss_state"])
@@ -172,22 +194,36 @@ def load(ckpt: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
     return state["step"], state["counters"]
 
 
-def export(model, out_dir: Path) -> Path:
-    """out_dir/final: the trained model as a Hugging Face folder, written whole before it replaces an older one."""
-    if not finite(model):
+def export(model, out_dir: Path, dtype: str = "source") -> Path:
+    """out_dir/final, called on every rank: the trained model as one Hugging Face folder (gathered from the shards
+    under FSDP2), in `dtype` ("source": the dtype config.json of the model we started from names; or fp32, bf16,
+    fp16), with the source folder's tokenizer and generation_config.json, files readable by everyone (0644); written
+    whole before it replaces an older one."""
+    if not distributed.all_finite(model):
         raise UserError("the trained weights are not finite: no final model is written (lower --lr, or use "
                         "--dtype bf16/fp32)")
-    final, tmp = out_dir / "final", out_dir / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        _fsync_dir(tmp)
-    except (OSError, SafetensorError) as e:
+    state, final, tmp = distributed.full_state_dict(model), out_dir / "final", out_dir / "final.tmp"
+    if distributed.rank() == 0:
+        target = getattr(torch, model.config.torch_dtype) if dtype == "source" else data.DTYPES[dtype]
+        with torch.device("meta"):
+            out = Qwen2(model.config)
+        out.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+        if model.config.tie_word_embeddings:  # assign=True gave the head its own Parameter: share it again
+            out.lm_head.weight = out.model.embed_tokens.weight
+        out.source_dir = model.source_dir
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {final} ({_reason(e)}); the last checkpoint is intact: free disk space, "
-                        "then --resume") from None
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+        try:
+            out.save_pretrained(tmp)
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            _fsync_dir(tmp)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not write {final} ({_reason(e)}); the last checkpoint is intact: free disk "
+                            "space, then --resume") from None
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    distributed.barrier()
     return final
 
 

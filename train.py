@@ -12,7 +12,6 @@ and only after every flag and input has been checked. Exit status: 0 when the ru
 Reading order: arguments -> main (inputs, model, optimizer, the loop) -> train_step, one optimizer step.
 """
 import argparse
-import contextlib
 import copy
 import functools
 import json
@@ -24,14 +23,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
 import data
+import distributed
 import losses
 import packing
+import plan
 import recipes
+import tracking
 from model import Qwen2, Qwen2Config, UserError
 
 HERE = Path(__file__).resolve().parent
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: off)")
     g.add_argument("--print-config", action="store_true", help="print the resolved arguments as JSON and exit, "
                    "touching no file")
+    g.add_argument("--dry-run", action="store_true", help="print the memory plan per device (weights, gradients, "
+                   "AdamW, activations), the FLOPs per step and whether it fits, from config.json alone, and exit")
+    g.add_argument("--devices", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="--dry-run: the "
+                   "number of processes to plan for (default: torchrun's WORLD_SIZE, else 1)")
+    g.add_argument("--device-memory", type=float, default=0.0, help="--dry-run: GiB per device (0 = this machine's "
+                   "GPU, else its RAM)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=data.DEFAULT_MODEL, help="Hub id or local folder of the policy (also the "
                    "reference: the frozen starting point)")
@@ -162,15 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state "
+                   "across the ranks with FSDP2 (per decoder layer, fp32 master weights, --dtype compute) instead of "
+                   "DDP's replicas (distributed.py)")
     g.add_argument("--logps-chunk-size", type=int, default=1024, help="tokens per LM-head chunk in log-probs")
     g.add_argument("--pack-tokens", type=int, default=0, help="tokens per packed row: pairs (prompt + chosen + "
                    "rejected) fill rows up to it (0 = 2 x --max-length, which any pair fits; packing.py)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="runs/{loss}", help="output folder ({loss} is replaced)")
     g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl row every N steps")
+    g.add_argument("--report-to", choices=list(tracking.PACKAGES), default="none", help="also send every row to "
+                   "TensorBoard (out_dir/tensorboard), Weights & Biases or Trackio (each an optional install)")
     g.add_argument("--eval-every", type=int, default=200, help="evaluate on the held-out pairs every N steps "
                    "(and at the end; 0 = only at the end)")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--save-dtype", choices=["source", "fp32", "bf16", "fp16"], default="source", help="dtype of "
+                   "final/'s weights: source = the one --model's config.json names (training keeps fp32 masters)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its newest checkpoint "
                    "(its result-changing arguments must be the same)")
     g.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out-dir (deleted once "
@@ -219,6 +233,9 @@ def get_args(argv=None) -> argparse.Namespace:
     if vars(args).pop("print_config"):
         print(json.dumps(vars(args), indent=1))
         p.exit(0)
+    if args.dry_run:
+        plan.report(args, args.devices)
+        p.exit(0)
     return args
 
 
@@ -246,7 +263,9 @@ def validate(args, p: argparse.ArgumentParser) -> None:
              ("log_every", args.log_every >= 1, "positive"),
              ("eval_every", args.eval_every >= 0, "0 (only at the end) or positive"),
              ("save_every", args.save_every >= 0, "0 (only at the end) or positive"),
-             ("nan_patience", args.nan_patience >= 1, "at least 1")]
+             ("nan_patience", args.nan_patience >= 1, "at least 1"),
+             ("devices", args.devices >= 1, "at least 1"),
+             ("device_memory", args.device_memory >= 0, "0 (this machine's) or positive")]
     for name, ok, must in rules:
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
@@ -260,17 +279,23 @@ def validate(args, p: argparse.ArgumentParser) -> None:
                 "margins: add --route-difficult, or use --loss mixdpo")
     if args.discard_difficult and args.order == "length":
         p.error("--discard-difficult filters MixDPO's orders: pass --order two-stage, per-epoch, reversed or random")
+    if args.fsdp and "RANK" not in os.environ and not args.dry_run:
+        p.error("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N train.py --fsdp")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     if not (args.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", args.device)):
         p.error(f"--device {args.device}: expected auto, cpu, cuda or cuda:N")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and not args.dry_run:
         p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu (or auto)")
     for flag in ("data", "eval_data"):
         try:
             data.local_data_file(getattr(args, flag))
         except UserError as e:
             p.error(f"--{flag.replace('_', '-')}: {e}")
+    try:
+        tracking.check(args.report_to)
+    except UserError as e:
+        p.error(str(e))
 
 
 def get_lr(step: int, total: int, args) -> float:
@@ -304,32 +329,6 @@ class Scorer(torch.nn.Module):
 def pack_tokens(args) -> int:
     """--pack-tokens, 0 resolved: 2 x --max-length, which holds any pair (prompt + chosen + rejected)."""
     return args.pack_tokens or 2 * args.max_length
-
-
-def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """The concatenation of a 1-D t over all ranks; sizes may differ (the shards of a partial last batch)."""
-    world, n = dist.get_world_size(), torch.tensor([t.numel()], device=t.device)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    most = int(max(sizes))
-    out = [t.new_empty(most) for _ in range(world)]
-    dist.all_gather(out, torch.cat([t, t.new_zeros(most - t.numel())]))
-    return torch.cat([o[:int(k)] for o, k in zip(out, sizes)])
-
-
-def setup_device(args) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); under torchrun this joins the process group (NCCL on GPUs, gloo on CPUs)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if args.batch_size % dist.get_world_size():
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the world size "
-                        f"{dist.get_world_size()}")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def build_demo_model(args, out: Path) -> Path:
@@ -391,20 +390,19 @@ def run_batches(pairs: list[data.Pair], args) -> list[list[int]]:
 def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_size: int, dtype: str,
                grad_clip: float) -> dict:
     """One optimizer step over this rank's micro-batches (packing.pack dicts, on the device): for each, forward
-    under autocast -> fp32 log-probs -> loss -> scaled backward (under DDP, gradients sync on the last one only);
+    under autocast -> fp32 log-probs -> loss -> scaled backward (across ranks, gradients sync on the last one only);
     then unscale -> clip -> step (skipped on inf/NaN gradients) -> update the scale -> zero the gradients.
     `loss(t) -> (per-pair losses, per-pair metrics)` is losses.compute with this run's key, hyperparameters and
     state. Returns the global batch's mean loss (all ranks), the grad norm, whether the step was skipped, and the
     summed per-pair metrics, pairs and tokens of this rank."""
-    ddp = isinstance(scorer, DistributedDataParallel)
-    world = dist.get_world_size() if ddp else 1
+    world = distributed.world()
     sums, step_loss, tokens = {}, 0.0, 0
     for k, batch in enumerate(micro_batches):
-        with scorer.no_sync() if ddp and k < len(micro_batches) - 1 else contextlib.nullcontext():
+        with distributed.gradient_sync(scorer, k == len(micro_batches) - 1):
             with data.autocast(batch["input_ids"].device, dtype):
                 t = data.pair_logps(scorer, batch)
             per_pair, metrics = loss(t)
-            # sum / global batch, times world: DDP averages gradients over ranks, so this is the global mean
+            # sum / global batch, times world: DDP and FSDP average gradients over ranks: this is the global mean
             micro_loss = per_pair.sum() * world / batch_size
             scaler.scale(micro_loss).backward()
         step_loss += micro_loss.detach() / world  # this rank's share of the global mean
@@ -418,21 +416,12 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
         scaler.step(opt)  # with fp16, skipped inside when the gradients hold inf/NaN
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    if ddp:  # every rank must take the same stop decision, or the others hang in the next all-reduce
+    if world > 1:  # every rank must take the same stop decision, or the others hang in the next all-reduce
         dist.all_reduce(step_loss)
     return {"loss": float(step_loss), "grad_norm": grad_norm.item(), "sums": sums, "tokens": tokens,
             "skipped": not torch.isfinite(grad_norm) or scaler.get_scale() < scale,
             "pairs": sum(len(b["chosen_lens"]) for b in micro_batches),
             "slots": sum(b["segment"].numel() for b in micro_batches)}
-
-
-def mean_over_ranks(sums: dict, count: float, device) -> dict:
-    """{key: sum over all ranks / count over all ranks} in one all-reduce (a no-op without DDP)."""
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys] + [count], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
 
 def window_metrics(window: list[dict], seconds: float, world: int, device) -> dict:
@@ -442,7 +431,8 @@ def window_metrics(window: list[dict], seconds: float, world: int, device) -> di
     for out in window:
         sums = {k: sums.get(k, 0.0) + v for k, v in out["sums"].items()}
     tokens, slots = float(sum(out["tokens"] for out in window)), sum(out["slots"] for out in window)
-    return {"grad_norm": window[-1]["grad_norm"], **mean_over_ranks(sums, sum(out["pairs"] for out in window), device),
+    means = distributed.mean_over_ranks(sums, sum(out["pairs"] for out in window), device)
+    return {"grad_norm": window[-1]["grad_norm"], **means,
             "window_tokens": tokens * world, "tokens_per_s": tokens * world / seconds,
             "padding_fraction": 1 - tokens / max(1, slots)}
 
@@ -456,17 +446,22 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
     if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
         last = batches.pop()
         batches[-1] += last
+    mine = batches[rank::world]
+    mine += [None] * (-(-len(batches) // world) - len(mine))  # FSDP2's forwards are collective: as many per rank
     scorer.eval()
     sums, n = {}, 0
-    for b in batches[rank::world]:
+    for b in mine:
         with data.autocast(device, args.dtype):
-            t = data.pair_logps(scorer, packing.pack([pairs[i] for i in b], pad_id, pack_tokens(args), device))
+            t = data.pair_logps(scorer, packing.pack([pairs[i] for i in b or batches[0]], pad_id, pack_tokens(args),
+                                                     device))
+        if b is None:  # a padding forward: its result is not counted
+            continue
         _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state),
                                     route=args.route)
         sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
         n += len(b)
     scorer.train()
-    return {"eval_" + k: v for k, v in mean_over_ranks(sums, n, device).items()}
+    return {"eval_" + k: v for k, v in distributed.mean_over_ranks(sums, n, device).items()}
 
 
 @torch.no_grad()
@@ -517,7 +512,7 @@ def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
 
 def build_model(args, model_dir: Path, device, world: int):
     """(model, scorer, optimizer, scaler): fp32 master weights on the device; the scorer is what the loop calls
-    (DDP-wrapped under torchrun); AdamW fused (one kernel per step, no foreach temporaries; CPU and CUDA); a
+    (DDP- or FSDP2-wrapped under torchrun); AdamW fused (one kernel per step, no foreach temporaries); a
     GradScaler that is active for fp16 only."""
     model = Qwen2.from_pretrained(model_dir).to(device).train()
     model.gradient_checkpointing = args.grad_checkpointing
@@ -525,8 +520,7 @@ def build_model(args, model_dir: Path, device, world: int):
         for layer in model.model.layers:
             layer.compile(dynamic=True)  # in place: state_dict keys (and checkpoints) stay unchanged
     scorer = Scorer(model, args.logps_chunk_size)
-    if world > 1:
-        scorer = DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
+    scorer = distributed.wrap(scorer, args, device)  # DDP or FSDP2 under torchrun; the optimizer sees the shards
     opt = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up before backward;
     # the scaler unscales before clipping and skips the step (halving the scale) when it finds inf/NaN.
@@ -547,6 +541,11 @@ def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int
                         f"({args.batch_size // world})")
     if args.eval_split and not eval_pairs:
         raise UserError(f"--eval-data {args.eval_data}: no usable held-out pairs; fix it or pass --eval-split ''")
+    micro = args.micro_batch_size or args.batch_size // world
+    counts = {tuple(-(-len(b[r::world]) // micro) for r in range(world)) for b in plan}
+    if args.fsdp and any(len(set(c)) > 1 for c in counts):  # FSDP2's forwards are collective
+        raise UserError(f"--fsdp: a partial batch splits into unequal numbers of micro-batches across the {world} "
+                        "ranks; drop --micro-batch-size, or use --order length (full batches only)")
     if world > 1 and args.route and args.loss in losses.GATHERS and args.order in ("per-epoch", "random"):
         raise UserError(f"--route-difficult with --loss {args.loss} under DDP needs batches that are all easy or all "
                         f"difficult (its batch statistics are gathered from every rank): use --order two-stage")
@@ -564,7 +563,7 @@ def report_plan(args, train_pairs: list, eval_pairs: list, plan: list, total: in
 
 def main(argv=None) -> dict:
     args = get_args(argv)
-    rank, world, device = setup_device(args)
+    rank, world, device = distributed.setup(args)
     out_dir = Path(args.out_dir)
     if args.resume:  # read-only checks first, on every rank: the run to continue, or the folder to start in
         checkpoint.check_resume(args, out_dir)
@@ -584,6 +583,7 @@ def main(argv=None) -> dict:
         step, counters, last_ckpt = resume(out_dir, model, opt, scaler, loss_state, rank)
     elif rank == 0:
         checkpoint.start(args, out_dir)
+    tracker = tracking.Tracker(args.report_to if rank == 0 else "none", out_dir, args)
     if rank == 0:
         report_plan(args, train_pairs, eval_pairs, plan, total)
     if step == 0 and needs_ref(args):
@@ -597,8 +597,8 @@ def main(argv=None) -> dict:
             group["lr"] = lr
         if eval_pairs and args.eval_every and step % args.eval_every == 0:
             log({"step": step, **evaluate(scorer, eval_pairs, pad_id, args, step, loss_state, device)}, history,
-                out_dir)
-        if args.save_every and step % args.save_every == 0 and step > saved_step and rank == 0 \
+                out_dir, tracker)
+        if args.save_every and step % args.save_every == 0 and step > saved_step \
                 and not counters["bad_streak"]:  # the checkpoint a NaN stop names was saved before the bad steps
             last_ckpt = checkpoint.save(out_dir, step, model, opt, scaler, loss_state, counters, args) or last_ckpt
             saved_step = step
@@ -607,7 +607,7 @@ def main(argv=None) -> dict:
         micro_batches = [packing.pack([train_pairs[j] for j in mine[k:k + micro]], pad_id, pack_tokens(args), device)
                          for k in range(0, len(mine), micro)]
         loss = functools.partial(losses.compute, args.loss, hparams=step_hparams(args, step), state=loss_state,
-                                 gather=all_gather if world > 1 else None, route=args.route)
+                                 gather=distributed.all_gather if world > 1 else None, route=args.route)
         out = train_step(scorer, opt, scaler, micro_batches, loss, batch_size=len(plan[step]), dtype=args.dtype,
                          grad_clip=args.grad_clip)
         # bad: a non-finite loss, or a skipped step without fp16 (the scaler's skips while it calibrates are normal)
@@ -625,17 +625,19 @@ def main(argv=None) -> dict:
             counters["num_tokens"] += int(row.pop("window_tokens"))  # TRL's num_tokens: real tokens so far
             log({"step": step + 1, "epoch": args.epochs * (step + 1) / len(plan), "learning_rate": lr, **row,
                  "num_tokens": counters["num_tokens"], "fp16_scale": scaler.get_scale(),
-                 "skipped_steps": counters["skipped_steps"]}, history, out_dir)
+                 "skipped_steps": counters["skipped_steps"]}, history, out_dir, tracker)
             window, t0 = [], time.time()
     if not counters["updates"]:
         raise UserError(f"no optimizer step was applied: all {total} steps were skipped (non-finite gradients); "
                         "nothing is saved. Try a lower --lr or --dtype bf16/fp32")
     if eval_pairs:
-        log({"step": total, **evaluate(scorer, eval_pairs, pad_id, args, total, loss_state, device)}, history, out_dir)
+        log({"step": total, **evaluate(scorer, eval_pairs, pad_id, args, total, loss_state, device)}, history,
+            out_dir, tracker)
+    if saved_step < total:
+        checkpoint.save(out_dir, total, model, opt, scaler, loss_state, counters, args)
+    checkpoint.export(model, out_dir, args.save_dtype)
+    tracker.close()
     if rank == 0:
-        if saved_step < total:
-            checkpoint.save(out_dir, total, model, opt, scaler, loss_state, counters, args)
-        checkpoint.export(model, out_dir)
         summarize(history, out_dir, args)
     if world > 1:
         dist.destroy_process_group()
@@ -653,11 +655,12 @@ def resume(out_dir: Path, model, opt, scaler, loss_state: dict, rank: int) -> tu
     return step, counters, ckpt
 
 
-def log(row: dict, history: list, out_dir: Path) -> None:
-    """Keep the row for the summary and, on rank 0, append it to metrics.jsonl (strict JSON, checkpoint.log)."""
+def log(row: dict, history: list, out_dir: Path, tracker) -> None:
+    """Keep the row for the summary and, on rank 0, append it to metrics.jsonl (strict JSON, checkpoint.log) and
+    send it to the --report-to tracker."""
     history.append(row)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        checkpoint.log(out_dir, row)
+    if distributed.rank() == 0:
+        tracker.log(checkpoint.log(out_dir, row))
 
 
 def summarize(history: list[dict], out_dir: Path, args) -> None:

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_train.py                   # (a) CPU: 0.5B shape, 8 pairs, batch 2, fp32
     python benchmarks/bench_train.py --workload tokens                   # (b) tokens computed per pair, UF-like lengths
     OMP_NUM_THREADS=2 python benchmarks/bench_train.py --workload attention   # CPU attention kernels for packed rows
+    python benchmarks/bench_train.py --workload scale --layers 4         # 1 process vs DDP vs FSDP2 (2 gloo ranks)
     python benchmarks/bench_train.py --device cuda --dtype fp16 --pairs 64 --batch-size 8 --prompt-words 150 \
         --answer-words 300 --max-length 1024                             # the GPU setting (Yao et al.: batch 8 x 1024)
 
@@ -51,8 +52,8 @@ WORDS = 4000  # word-level vocabulary; the embedding keeps the model's 151,936 r
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["trl", "tokens", "attention"], default="trl", help="(a), (b) or the CPU "
-                   "attention kernels (default: trl)")
+    p.add_argument("--workload", choices=["trl", "tokens", "attention", "scale"], default="trl", help="(a), (b), "
+                   "the CPU attention kernels, or 1 process vs DDP vs FSDP2 on 2 (default: trl)")
     p.add_argument("--engines", nargs="+", default=["ours", "trl", "trl-precompute"], help="(a): which to run")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # internal: run one engine in this process
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
@@ -258,6 +259,55 @@ def workload_attention(args) -> dict:
     return res
 
 
+def run_scale_child(args) -> dict:
+    """One rank of the scale workload (under torchrun, or alone): per-rank median step time and peak RSS."""
+    import distributed
+    args.device, args.fsdp = "cpu", args.engine == "fsdp"
+    rank, world, device = distributed.setup(argparse.Namespace(device="cpu", batch_size=args.batch_size))
+    torch.manual_seed(args.seed)
+    model = Qwen2(Qwen2Config(num_hidden_layers=args.layers)).train()
+    rng = random.Random(args.seed)
+    pairs = [data.Pair([3] * rng.randint(30, 70), [4] * rng.randint(100, 300), [5] * rng.randint(100, 300), row=i,
+                       ref_chosen_logps=-500.0, ref_rejected_logps=-500.0) for i in range(args.pairs)]
+    scorer = distributed.wrap(train.Scorer(model, 1024), args, device)
+    opt, times = train.adamw(model.parameters(), lr=1e-6), []
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for epoch in range(args.epochs):
+        for s in range(0, len(pairs), args.batch_size):
+            mine = pairs[s:s + args.batch_size][rank::world]
+            t0 = time.perf_counter()
+            train.train_step(scorer, opt, scaler, [packing.pack(mine, 0, 2 * args.max_length)],
+                             functools.partial(losses.compute, "dpo"), batch_size=args.batch_size, dtype="fp32",
+                             grad_clip=1.0)
+            times.append(time.perf_counter() - t0)
+    return {"rank": rank, "world": world, "median_step": statistics.median(times[1:]), "peak_rss": rss("VmHWM")}
+
+
+def workload_scale(args) -> dict:
+    """1 process, then torchrun DDP and FSDP2 on 2 CPU processes (gloo): the same global batch and model."""
+    res, common = {}, [x for k in ("layers", "pairs", "batch_size", "epochs", "max_length", "seed")
+                       for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    for name, launch in (("1 process", [sys.executable]),
+                         ("DDP, 2 processes", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]),
+                         ("FSDP2, 2 processes", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                  "2"])):
+        engine = "fsdp" if name.startswith("FSDP") else "ddp"
+        threads = "2" if name == "1 process" else "1"  # the same two cores for every run
+        r = subprocess.run(launch + [__file__, "--workload", "scale", "--engine", engine] + common,
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+        if r.returncode:
+            raise SystemExit(f"bench_train.py: {name} failed:\n{r.stderr[-3000:]}")
+        res[name] = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    gib = 2.0 ** 30
+    print(f"\n(scale) {machine(args)}; {args.layers} layers at real width, {args.pairs} pairs, global batch "
+          f"{args.batch_size}, fp32, 2 threads in all (1 per process under torchrun)\n\n| run | median step (s) | peak RSS per process (GiB) |"
+          "\n|---|---:|---:|")
+    for name, ranks in res.items():
+        peaks = " / ".join(f"{r['peak_rss'] / gib:.2f}" for r in ranks)
+        print(f"| {name} | {max(r['median_step'] for r in ranks):.2f} | {peaks} |")
+    return res
+
+
 def machine(args) -> str:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {where}, torch {torch.__version__}"
@@ -266,11 +316,16 @@ def machine(args) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.engine:  # a child process: one engine, one JSON line
+        if args.workload == "scale":
+            print(json.dumps(run_scale_child(args)))
+            return
         folder = Path(args.dir)
         r = run_ours(args, folder) if args.engine == "ours" else run_trl(args, folder, args.engine == "trl-precompute")
         print(json.dumps(r))
         return
-    res = {"trl": workload_trl, "tokens": lambda a: workload_tokens(), "attention": workload_attention}[args.workload](args)
+    workloads = {"trl": workload_trl, "tokens": lambda a: workload_tokens(), "attention": workload_attention,
+                 "scale": workload_scale}
+    res = workloads[args.workload](args)
     if args.out:
         Path(args.out).write_text(json.dumps({"workload": args.workload, "args": vars(args), "results": res}, indent=1))
 

@@ -77,6 +77,8 @@ def case(base, tmp_path) -> dict:
     (["--device", "cuda"], ["--device cuda", "no CUDA GPU"]),
     (["--device", "tpu"], ["--device tpu", "auto, cpu, cuda"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
+    (["--fsdp"], ["--fsdp", "torchrun --nproc_per_node N"]),
+    (["--save-dtype", "int8"], ["--save-dtype", "'int8'"]),
     (["--loss", "margin_sigmoid", "--delta", "0.7"], ["delta=0.7", "ln 2"]),
     (["--loss", "sft", "--beta", "0.1"], ["--beta is not a hyperparameter of --loss sft"]),
     (["--loss", "slic", "--curriculum-steps", "10"], ["--curriculum-steps", "slic"]),

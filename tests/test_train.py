@@ -164,6 +164,40 @@ def test_nan_loss_stops_without_saving_nans(tmp_path, cache_dir, monkeypatch):
     assert rows[2]["fp16_scale"] == rows[1]["fp16_scale"] / 2 == rows[0]["fp16_scale"] / 4
 
 
+def test_fsdp_gloo_equals_one_process_and_resumes_exactly(tmp_path, cache_dir):
+    """torchrun --fsdp with 2 CPU processes (gloo) and the same global batch: every logged loss, gradient norm and
+    margin equals the single-process run's within 1e-5 relative or 1e-6 absolute (only the reduction order
+    differs; margins near 0 need the absolute bound); a run killed
+    after its step-2 sharded checkpoint and resumed ends with the same final weights, bit for bit; final/ is one
+    Hugging Face folder with 0644 files."""
+    common = ["--demo", "--loss", "dpo", "--max-steps", "4", "--eval-split", "", "--dtype", "fp32", "--cache-dir",
+              str(cache_dir), "--batch-size", "8", "--log-every", "1", "--save-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def fsdp(script, *flags, port, crash_at=None):
+        extra = {"CRASH_AT_PACK": crash_at} if crash_at else {}
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(port), str(script), *common, "--fsdp", *flags], env={**env, **extra}, cwd=ROOT,
+                              capture_output=True, text=True)
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--out-dir", str(tmp_path / "one")], check=True,
+                   env=env, cwd=ROOT, capture_output=True)
+    straight = fsdp(ROOT / "train.py", "--out-dir", tmp_path / "fsdp", port=29541)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    rows = [[json.loads(line) for line in open(tmp_path / r / "metrics.jsonl")] for r in ("one", "fsdp")]
+    for r1, r2 in zip(*rows, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-6), (r1["step"], key)
+    assert (tmp_path / "fsdp" / "ckpt-000004" / "shards").is_dir()  # a sharded checkpoint: every rank its part
+    # pack calls per rank: the step-0 check, steps 1 and 2, then step 3 dies (after the step-2 checkpoint)
+    crashed = fsdp(ROOT / "tests" / "crash_after.py", "--out-dir", tmp_path / "resumed", port=29542, crash_at="4")
+    assert crashed.returncode != 0 and (tmp_path / "resumed" / "ckpt-000002" / "shards").is_dir()
+    resumed = fsdp(ROOT / "train.py", "--out-dir", tmp_path / "resumed", "--resume", port=29543)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = weights(tmp_path / "fsdp"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() == weights(tmp_path / "one").keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all((f.stat().st_mode & 0o777) == 0o644 for f in (tmp_path / "fsdp" / "final").iterdir())
+
+
 @pytest.mark.parametrize("flags", [["--loss", "dpo"], ["--loss", "amapo", "--order", "random", "--max-pairs", "19"]],
                          ids=["dpo", "amapo-partial-batch"])
 def test_ddp_gloo_equals_one_process(tmp_path, cache_dir, flags):
@@ -421,3 +455,74 @@ def test_adamw_with_its_state_allocated_up_front_steps_exactly_as_adamw():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     for p, q in zip(a.parameters(), b.parameters()):
         assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_tensorboard_gets_the_metrics_rows(tmp_path, cache_dir):
+    """--report-to tensorboard: every number of every metrics.jsonl row, at its step, read back from the event
+    files with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    demo(tmp_path, cache_dir, "--loss", "simpo", "--max-steps", "4", "--log-every", "2", "--eval-every", "2",
+         "--report-to", "tensorboard")
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("loss", "learning_rate", "rewards/margins", "eval_rewards/accuracies", "num_tokens"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert len(want) >= 2 and [s for s, _ in got] == [s for s, _ in want], key
+        assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(got, want)), key
+
+
+def test_report_to_a_missing_package_is_a_one_line_hint(monkeypatch, capsys):
+    import tracking
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--report-to", "wandb"])
+    assert e.value.code == 2 and "pip install wandb" in capsys.readouterr().err
+
+
+def test_final_is_saved_in_the_source_dtype_or_save_dtype(tmp_path, cache_dir):
+    """final/ keeps the dtype the source config.json names (the demo's: float32) unless --save-dtype; the tokenizer
+    and generation files of the source come along; every file is 0644."""
+    from safetensors import safe_open
+    demo(tmp_path / "src", cache_dir, "--loss", "simpo", "--max-steps", "1", "--eval-split", "")
+    demo(tmp_path / "bf16", cache_dir, "--loss", "simpo", "--max-steps", "1", "--eval-split", "", "--save-dtype", "bf16")
+    for run, dtype, name in (("src", torch.float32, "float32"), ("bf16", torch.bfloat16, "bfloat16")):
+        final = tmp_path / run / "final"
+        with safe_open(final / "model.safetensors", "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}, run
+        assert json.loads((final / "config.json").read_text())["torch_dtype"] == name
+        assert (final / "tokenizer.json").is_file() and (final / "tokenizer_config.json").is_file()
+        assert all((f.stat().st_mode & 0o777) == 0o644 for f in final.iterdir())
+    a, b = weights(tmp_path / "src"), weights(tmp_path / "bf16")
+    assert all(torch.equal(a[k].to(torch.bfloat16), b[k]) for k in a)  # the same weights, rounded
+
+
+def test_dry_run_plans_memory_from_the_config_alone(tmp_path, capsys):
+    """A folder holding only Qwen2.5-0.5B's config.json (no weights: nothing can be loaded): P by hand from the
+    config = 494,032,768; fp32 weights 4P = 1.84 GiB, gradients 1.84, AdamW 8P = 3.68 per device on one process;
+    --fsdp over 4 devices divides them by 4 (the weights add one gathered fp16 layer: 2 x 14.9M bytes)."""
+    from dataclasses import asdict
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **asdict(train.Qwen2Config())}))
+    D, I, V, L, H, kv, hd = 896, 4864, 151936, 24, 14, 2, 64
+    layer = D * H * hd + H * hd + 2 * (D * kv * hd + kv * hd) + H * hd * D + 3 * D * I + 2 * D
+    P = V * D + L * layer + D  # tied: no separate LM head
+    assert P == 494_032_768
+    common = ["--model", str(tmp_path), "--data", "x/y", "--dry-run", "--device", "cuda", "--device-memory", "80"]
+    for flags, shard, extra in (([], 1, 0), (["--fsdp", "--devices", "4", "--dtype", "fp16"], 4, 2 * 2 * layer)):
+        with pytest.raises(SystemExit) as e:
+            train.get_args(common + flags)
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert f"{P / 1e6:,.0f}M parameters" in text
+        assert f"| weights | {(4 * P / shard + extra) / 2 ** 30:.2f} |" in text
+        assert f"| gradients | {4 * P / shard / 2 ** 30:.2f} |" in text and f"| adamw | {8 * P / shard / 2 ** 30:.2f} |" in text
+        assert "80.0 GiB -> fits" in text
+    acts = {}
+    for flags in ([], ["--grad-checkpointing"]):
+        with pytest.raises(SystemExit):
+            train.get_args(common[:-1] + ["4", "--batch-size", "16"] + flags)
+        text = capsys.readouterr().out
+        acts[bool(flags)] = float(text.split("| activations | ")[1].split(" |")[0])
+        assert "does NOT fit" in text
+    assert acts[True] < acts[False] / 4  # checkpointing keeps a layer's input, not its insides
