@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import distributed
-from model import Qwen2, UserError
+from model import CausalLM, UserError
 
 # Arguments that do not change what is trained: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "overwrite", "out_dir", "device", "compile", "grad_checkpointing", "logps_chunk_size",
@@ -175,7 +175,7 @@ def load(ckpt: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
         if state.get("sharded"):
             distributed.load_shards(ckpt / "shards", model, opt)
         else:
-            model.load_state_dict(Qwen2.from_pretrained(ckpt).state_dict())
+            model.load_state_dict(CausalLM.from_pretrained(ckpt).state_dict())
             flat, opt_state = load_file(str(ckpt / "optimizer.safetensors")), {}
             for name, v in flat.items():
                 i, k = name.split(".", 1)
@@ -206,7 +206,7 @@ def export(model, out_dir: Path, dtype: str = "source") -> Path:
     if distributed.rank() == 0:
         target = getattr(torch, model.config.torch_dtype) if dtype == "source" else data.DTYPES[dtype]
         with torch.device("meta"):
-            out = Qwen2(model.config)
+            out = CausalLM(model.config)
         out.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
         if model.config.tie_word_embeddings:  # assign=True gave the head its own Parameter: share it again
             out.lm_head.weight = out.model.embed_tokens.weight

@@ -1,21 +1,27 @@
-"""Preference data: inputs (model folders and datasets, local or from the Hub), Qwen2.5's chat template,
-tokenization, batches, their log-probs, and the reference log-prob cache.
+"""Preference data: inputs (model folders and datasets, local or from the Hub), rows rendered with the model's chat
+template (chat.py), tokenization, batches, their log-probs, and the reference log-prob cache.
 
 Rows, in TRL's formats (optional numbers score_chosen / score_rejected are kept for MixDPO and ODPO):
-  standard        {"prompt": str, "chosen": str, "rejected": str}: one user turn, one assistant reply
-  conversational  {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}, msgs = [{"role", "content"}, ...]
-  implicit prompt {"chosen": [msgs], "rejected": [msgs]}: whole conversations; the prompt is their common prefix
-A conversation is an optional system message, then user/assistant turns alternating, ending with the assistant
-reply that is scored. A row that breaks this (or is invalid JSON, lacks a field, has a wrong type or empty text)
-is a UserError naming file and row; with skip_bad_rows it is skipped and counted.
+  standard        {"prompt": str, "chosen": str, "rejected": str}: raw text, no chat template (as TRL)
+  conversational  {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}, msgs = [{"role", "content", ...}, ...]
+  implicit prompt either of them without "prompt": the prompt is what chosen and rejected share at their start (TRL's
+                  extract_prompt): whole messages, or characters (a space just before they differ goes to the answers)
+Roles are system, user, assistant and tool; an assistant message may carry tool_calls (then content may be null).
+Every key of a message reaches the template, and so do a row's "tools" (JSON schemas, or a JSON string of them) and
+"chat_template_kwargs". A conversational prompt ends with a user or tool message; each completion is the assistant's
+turn (assistant messages, tool results between them). A row that breaks this (or is invalid JSON, lacks a field, has
+a wrong type or empty text, or makes the template raise) is a UserError naming file and row; with skip_bad_rows it is
+skipped and counted. A string prompt beside conversational chosen/rejected is ignored (TRL's maybe_extract_prompt).
 
-Rendering: Qwen2.5's ChatML by hand (render_chatml), tested token-for-token against the jinja chat_template the
-model ships; Qwen's default system prompt when the conversation has none.
-  prompt = render(prompt messages) + "<|im_start|>assistant\n";  completion (scored) = content + "<|im_end|>"
-The "\n" the template adds after <|im_end|> is NOT scored: generation stops at <|im_end|>, so the policy never
-produces it (TRL scores it; the difference is log p("\n" | <|im_end|>) ~ 0). Prompt and completion are tokenized
-separately, as in TRL, so chosen and rejected share the prompt tokens exactly; this equals tokenizing the whole
-conversation unless a completion starts with whitespace that BPE would merge with the prompt's final "\n".
+Rendering and tokens follow TRL's DPOTrainer. Conversational rows go through the model's own chat template, rendered
+with jinja2 as transformers renders it (ChatTokenizer.render): prompt = render(prompt, add_generation_prompt=True),
+and render(prompt + chosen), render(prompt + rejected), tokenized without added special tokens (the template writes
+them). Standard rows are raw text: prompt, and prompt + completion + eos_token, with the tokenizer's own special
+tokens (a Llama BOS). The answers start where the tokenized prompt and prompt + answer part (the prompt's end, or a
+token earlier where BPE merges across it), so chosen and rejected share the prompt tokens exactly. A completion ends
+with its last end-of-turn id (ChatTokenizer.end_of_turn: the eos_token and the template's <|im_end|>, <|eot_id|>,
+</s>...); what the template puts after it (ChatML's "\n") is never generated, so it is not scored (TRL scores it; the
+difference is log p("\n" | <|im_end|>) ~ 0).
 
 Truncation (defaults of Yao et al. 2025, max_length 1024, max_prompt_length 256): the prompt keeps its END (cut
 from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
@@ -44,21 +50,20 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+import jinja2
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import packing
-from model import TOKENIZER_FILES, Qwen2, UserError
+from chat import ChatTokenizer, load_tokenizer
+from model import TOKENIZER_FILES, CausalLM, UserError
 
 DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-TEMPLATE_ID = "qwen2.5-chatml/v1"  # bump when rendering or the prompt/completion split changes: invalidates caches
+TEMPLATE_ID = "model-template/v2"  # bump when rendering or the prompt/completion split changes: invalidates caches
 CACHE_FORMAT = 1
-PAD_TOKEN = "<|endoftext|>"  # Qwen's pad token; its id is what packing.pack pads rows with
 CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha256", "max_length",
               "max_prompt_length", "template", "dtype")  # a cache is reused iff all of these match
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,17 +125,9 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
                         "folder instead") from None
 
 
-def load_model(name_or_path: str, revision: str | None = None, dtype=torch.float32) -> Qwen2:
-    """Qwen2.from_pretrained of a local folder or a Hub id (downloaded first), in eval mode."""
-    return Qwen2.from_pretrained(resolve_model_dir(name_or_path, revision), dtype=dtype)
-
-
-def load_tokenizer(model_dir) -> Tokenizer:
-    """The model folder's tokenizer.json (special tokens such as <|im_end|> are added tokens in it)."""
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; the model folder must ship tokenizer.json")
-    return Tokenizer.from_file(str(path))
+def load_model(name_or_path: str, revision: str | None = None, dtype=torch.float32) -> CausalLM:
+    """CausalLM.from_pretrained of a local folder or a Hub id (downloaded first), in eval mode."""
+    return CausalLM.from_pretrained(resolve_model_dir(name_or_path, revision), dtype=dtype)
 
 
 def _sha256(files) -> str:
@@ -219,14 +216,6 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
     return [row for f in files for row in read_records(f, strict=False)], _sha256(files)
 
 
-def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Qwen2.5 ChatML: a system block (Qwen's default unless messages[0] is a system message), then
-    "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, then "<|im_start|>assistant\\n" if asked."""
-    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
-    text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
 @dataclass
 class Pair:
     prompt_ids: list[int]
@@ -240,84 +229,134 @@ class Pair:
 
 
 def _messages(value, key: str) -> list[dict]:
-    if isinstance(value, str):  # standard format: a bare prompt is a user turn, a bare completion the reply
-        value = [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+    """A message list checked (role system/user/assistant/tool; text, or tool_calls for an assistant), copied with
+    every key (tool_calls, tool_call_id, name, ...) for the template."""
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{key!r} must be a string or a non-empty list of messages, got {type(value).__name__}")
+        raise ValueError(f"{key!r} must be a non-empty list of messages (as 'chosen' is), got {type(value).__name__}")
     for j, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ValueError(f"{key}[{j}] must be a message {{'role': str, 'content': str}}, got {m!r:.80}")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"{key}[{j}]: role {m['role']!r} is not system, user or assistant")
-        if not m["content"].strip():
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            raise ValueError(f"{key}[{j}] must be a message {{'role': str, 'content': str, ...}}, got {m!r:.80}")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"{key}[{j}]: role {m['role']!r} is not system, user, assistant or tool")
+        calls = m["role"] == "assistant" and m.get("tool_calls")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+            raise ValueError(f"{key}[{j}] must be a message {{'role': str, 'content': str, ...}}, got {m!r:.80}")
+        if m["role"] != "tool" and not calls and not m["content"].strip():
             raise ValueError(f"{key}[{j}] ({m['role']}): empty text")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [dict(m) for m in value]
 
 
-def _parse_row(row) -> tuple[list[dict], str, str, float | None, float | None]:
-    """(prompt messages, chosen text, rejected text, score_chosen, score_rejected), or ValueError(problem)."""
+def _parse_row(row) -> dict:
+    """A row as {prompt, chosen, rejected} (strings: standard; message lists: conversational) + tools, template kwargs
+    and scores, with an implicit prompt made explicit as TRL's extract_prompt does; or ValueError(problem)."""
     if isinstance(row, Exception):
         raise row
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     if missing := [key for key in ("chosen", "rejected") if key not in row]:
         raise ValueError(f"missing field {missing[0]!r}")
-    prompt = _messages(row["prompt"], "prompt") if row.get("prompt") is not None else []
-    chosen, rejected = prompt + _messages(row["chosen"], "chosen"), prompt + _messages(row["rejected"], "rejected")
-    if chosen[:-1] != rejected[:-1]:
-        raise ValueError("chosen and rejected differ before their last message (the prompt is their shared prefix)")
-    if len(chosen) < 2:
-        raise ValueError("no prompt: add a 'prompt' field, or make chosen/rejected whole conversations")
-    for key, conv in (("chosen", chosen), ("rejected", rejected)):
-        roles = [m["role"] for m in conv]
-        turns = roles[1:] if roles[0] == "system" else roles
-        if turns != ["user", "assistant"] * (len(turns) // 2):
-            raise ValueError(f"{key}: roles out of order ({' -> '.join(roles)}); expected an optional system "
-                             "message, then user/assistant alternating, ending with the assistant reply")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, list):  # conversational; a string prompt beside conversations is ignored, as TRL does
+        chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        if isinstance(prompt, list):
+            prompt = _messages(prompt, "prompt")
+        else:  # implicit prompt: the messages the two share (if all, all but the last, where TRL's loop ends)
+            last = min(len(chosen), len(rejected)) - 1
+            n = next((k for k, (c, r) in enumerate(zip(chosen, rejected)) if c != r), last)
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise ValueError("no prompt: add a 'prompt' field, or make chosen/rejected whole conversations")
+        if prompt[-1]["role"] not in ("user", "tool"):
+            raise ValueError(f"the prompt's last message is {prompt[-1]['role']!r}; it must be a user or tool message, "
+                             "which the assistant's reply follows")
+        for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+            roles = [m["role"] for m in msgs]
+            if not roles or roles[-1] != "assistant" or not set(roles) <= {"assistant", "tool"}:
+                raise ValueError(f"{key}: the completion after the prompt is {' -> '.join(roles) or 'empty'}; it must "
+                                 "be the assistant's turn (assistant messages, tool results between them)")
+    elif not isinstance(chosen, str):
+        raise ValueError(f"'chosen' must be a string or a non-empty list of messages, got {type(chosen).__name__}")
+    elif not isinstance(rejected, str) or not isinstance(prompt, str | None):
+        raise ValueError("'chosen' is a string (standard format), so 'rejected' and 'prompt' must be strings too")
+    else:  # standard: raw text
+        if prompt is None:  # implicit prompt: the common prefix, a space before the divergence left to the answers
+            n = len(os.path.commonprefix([chosen, rejected]))
+            if n == min(len(chosen), len(rejected)) or n > 0 and chosen[n - 1] == " ":  # (no divergence: as TRL)
+                n -= 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        for key, text in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                raise ValueError(f"{key!r}: empty text" + (" (no common prefix)" if "prompt" not in row else ""))
+    tools = row.get("tools")
+    try:
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'tools' is not valid JSON ({e.msg})") from None
+    if not (tools is None or isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"'tools' must be a list of JSON schemas (objects), got {tools!r:.60}")
+    if not isinstance(kwargs := row.get("chat_template_kwargs") or {}, dict):
+        raise ValueError(f"'chat_template_kwargs' must be an object, got {kwargs!r:.60}")
     scores = []
     for key in ("score_chosen", "score_rejected"):
         v = row.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ValueError(f"{key!r} must be a number, got {v!r:.40}")
         scores.append(None if v is None else float(v))
-    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], scores[0], scores[1]
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected, tools=tools or None, kwargs=kwargs, scores=scores)
 
 
-def tokenize_pairs(rows, tokenizer: Tokenizer, max_length: int = 1024, max_prompt_length: int = 256,
+def _texts(r: dict, tok: ChatTokenizer) -> tuple[str, str, str]:
+    """(prompt, prompt + chosen, prompt + rejected) as text. Standard rows: raw strings, each completion ending with
+    the eos_token (appended unless already there, as TRL does). Conversational: the model's chat template, the prompt
+    with its generation prompt (the assistant header)."""
+    if isinstance(r["prompt"], str):
+        if (eos := tok.special.get("eos_token")) is None:
+            raise UserError(f"{tok.source}/tokenizer_config.json names no eos_token, which ends every standard-format "
+                            "(string) completion; add it, or use conversational rows")
+        return r["prompt"], *(r["prompt"] + c + ("" if c.endswith(eos) else eos) for c in (r["chosen"], r["rejected"]))
+    kw, prompt = dict(tools=r["tools"], **r["kwargs"]), r["prompt"]
+    try:
+        answers = [tok.render(prompt + r[k], **kw) for k in ("chosen", "rejected")]
+        return tok.render(prompt, True, **kw), *answers
+    except (jinja2.TemplateError, TypeError) as e:  # the template's raise_exception, or it could not render a message
+        raise ValueError(f"the chat template refused it: {type(e).__name__}: {e}") from None
+
+
+def tokenize_pairs(rows, tokenizer: ChatTokenizer, max_length: int = 1024, max_prompt_length: int = 256,
                    source: str = "<rows>", skip_bad_rows: bool = False) -> tuple[list[Pair], dict]:
     """Parse, render, tokenize and truncate rows (see the module docstring). Returns the kept pairs and counts:
     rows, kept, bad_rows (skipped), prompts_truncated / completions_truncated (among kept pairs; a pair can
     count two completions), dropped_empty, dropped_identical."""
     if not 0 < max_prompt_length <= max_length:
         raise UserError(f"need 0 < --max-prompt-length ({max_prompt_length}) <= --max-length ({max_length})")
-    parsed, bad = [], []
+    encoded, bad = [], []
     for i, row in enumerate(rows):
         try:
-            parsed.append((i, *_parse_row(row)))
+            r = _parse_row(row)
+            texts = _texts(r, tokenizer)
         except ValueError as e:
             where = f"{source}: row {i}" + (f" (line {i + 1})" if str(source).endswith(".jsonl") else "")
             if not skip_bad_rows:
                 raise UserError(f"{where}: {e}. Fix the row, or pass --skip-bad-rows to skip and count it") from None
             bad.append(f"{where}: {e}")
-
-    def encode(texts):
-        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-    prompts = encode([render_chatml(p[1], add_generation_prompt=True) for p in parsed])
-    chosen, rejected = encode([p[2] + "<|im_end|>" for p in parsed]), encode([p[3] + "<|im_end|>" for p in parsed])
+            continue
+        raw = isinstance(r["prompt"], str)  # raw text gets the tokenizer's special tokens (a BOS); templates, theirs
+        encoded.append((i, *r["scores"], *(e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=raw))))
     counts = dict(rows=len(rows), kept=0, bad_rows=len(bad), prompts_truncated=0, completions_truncated=0,
                   dropped_empty=0, dropped_identical=0)
-    pairs = []
-    for (i, *_, sc, sr), p, c, r in zip(parsed, prompts, chosen, rejected):
-        p_cut = p[-max_prompt_length:]  # keep the end: the last user turn and the assistant header
+    pairs, stops = [], set(tokenizer.end_of_turn)
+    for i, sc, sr, p, c, r in encoded:
+        n = min(len(os.path.commonprefix([p, c])), len(os.path.commonprefix([p, r])))  # the answers start here
+        c, r = (_through_last_stop(x[n:], stops) for x in (c, r))
+        p_cut = p[:n][-max_prompt_length:]  # keep the end: the last user turn and the assistant header
         budget = max_length - len(p_cut)
         c_cut, r_cut = c[:budget], r[:budget]
-        if not c_cut or not r_cut:
+        if not p_cut or not c_cut or not r_cut:
             counts["dropped_empty"] += 1
         elif c_cut == r_cut:
             counts["dropped_identical"] += 1
         else:
-            counts["prompts_truncated"] += len(p_cut) < len(p)
+            counts["prompts_truncated"] += len(p_cut) < n
             counts["completions_truncated"] += (len(c_cut) < len(c)) + (len(r_cut) < len(r))
             pairs.append(Pair(p_cut, c_cut, r_cut, i, sc, sr))
     counts["kept"] = len(pairs)
@@ -326,6 +365,13 @@ def tokenize_pairs(rows, tokenizer: Tokenizer, max_length: int = 1024, max_promp
           f"{counts['dropped_empty']} empty after truncation, {counts['dropped_identical']} identical chosen/rejected"
           f" | bad rows skipped: {len(bad)}" + "".join(f"\n  skipped {b}" for b in bad[:5]))
     return pairs, counts
+
+
+def _through_last_stop(ids: list[int], stops: set[int]) -> list[int]:
+    """ids up to and including the last end-of-turn id, if any: what the template puts after it (ChatML's "\\n") is
+    never generated (generation stops at that id), so it is not scored."""
+    last = max((j for j, t in enumerate(ids) if t in stops), default=len(ids) - 1)
+    return ids[:last + 1]
 
 
 def pair_logps(score, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -339,7 +385,7 @@ def pair_logps(score, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def score_pairs(model: Qwen2, pairs: list[Pair], pad_id: int, batch_size: int, device, dtype: str = "fp32",
+def score_pairs(model: CausalLM, pairs: list[Pair], pad_id: int, batch_size: int, device, dtype: str = "fp32",
                 budget: int = 2048, desc: str = "log-probs") -> dict[str, torch.Tensor]:
     """pair_logps of every pair under autocast(dtype), packed `batch_size` pairs at a time into rows of at most
     `budget` tokens, in pair order ([N] tensors on the CPU). Batches go longest first, so an out-of-memory shows at
@@ -482,7 +528,9 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
         raise UserError(f"{data_source}: no pairs left after filtering ({counts}); nothing to cache")
     meta = dict(format_version=CACHE_FORMAT, model=str(model_name_or_path), revision=revision,
                 weights_sha256=_sha256(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]),
-                tokenizer_sha256=_sha256([model_dir / "tokenizer.json"]), data=str(data_source), split=split,
+                tokenizer_sha256=_sha256(model_dir / f for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                 "chat_template.jinja") if (model_dir / f).is_file()),
+                data=str(data_source), split=split,
                 data_sha256=data_hash, max_length=max_length, max_prompt_length=max_prompt_length,
                 template=TEMPLATE_ID, dtype=compute, counts=counts, n=len(pairs))
     old, tensors = (None, None) if rebuild else _load_cache(out, cmd)
@@ -496,10 +544,10 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
     else:
         if old:
             print(f"ref cache: {out} is stale ({'; '.join(diff)}); rebuilding")
-        model = Qwen2.from_pretrained(model_dir).to(device)
+        model = CausalLM.from_pretrained(model_dir).to(device)
         print(f"ref cache: {model_name_or_path} on {device} in {compute} (asked {dtype}), batch {batch_size}")
         t0, n_tokens = time.time(), sum(map(packing.size, pairs))
-        logps = score_pairs(model, pairs, tok.token_to_id(PAD_TOKEN), batch_size, device, compute, 2 * max_length,
+        logps = score_pairs(model, pairs, tok.pad_id, batch_size, device, compute, 2 * max_length,
                             desc="ref logps")
         tensors = {"ref_chosen_logps": logps["chosen_logps"], "ref_rejected_logps": logps["rejected_logps"],
                    "index": torch.tensor([p.row for p in pairs], dtype=torch.long)}

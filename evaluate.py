@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import chat
 import data
 import generate
 import judge
@@ -42,7 +43,7 @@ def length_stats(values) -> dict:
 def load_policy(args, dtype=torch.float32):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = data.load_model(args.model, args.revision, dtype=dtype).to(device)
-    return policy, data.load_tokenizer(policy.source_dir)
+    return policy, chat.load_tokenizer(policy.source_dir)
 
 
 # ----------------------------------------------------------------------------- preference metrics
@@ -114,7 +115,7 @@ def cmd_prefs(args) -> dict:
     reward = "beta*(S-S_ref)" if key in losses.NEEDS_REF else "beta*S/|y|"
     print(f"prefs: {len(pairs)} pairs (max_length {max_len}, max_prompt_length {max_prompt}), loss {key}, "
           f"reward {reward}, {hparams}")
-    t = data.score_pairs(policy, pairs, tok.token_to_id(data.PAD_TOKEN), args.batch_size,
+    t = data.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
                          next(policy.parameters()).device, args.dtype, budget=2 * max_len)
     res = {"reward": reward, "beta": hparams.get("beta", 1.0), **preference_metrics(score(key, t, hparams)[1]),
            "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args)}
@@ -188,7 +189,7 @@ def cmd_generate(args) -> dict:
             convs[i].append({"role": "user", "content": turns[i][t]})
         for sampling in dict.fromkeys(json.dumps(samplings[i]) for i in live):  # one call per setting
             group = [i for i in live if json.dumps(samplings[i]) == sampling]
-            prompts = [data.render_chatml(convs[i], add_generation_prompt=True) for i in group]
+            prompts = [tok.render(convs[i], add_generation_prompt=True) for i in group]
             texts, n, s, c = generate.generate_texts(policy, tok, prompts, sampling=json.loads(sampling), **kw)
             for i, a in zip(group, texts):
                 convs[i].append({"role": "assistant", "content": a})

@@ -25,24 +25,25 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model import Qwen2, UserError, attention_mask_4d
+from model import CausalLM, UserError, attention_mask_4d
 
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill call at most (one prompt if longer): bounds its activations
 
 
 @torch.no_grad()
-def generate_ids(model: Qwen2, prompts: list[list[int]], max_new_tokens: int | list[int] = 256, *,
-                 batch_size: int = 8, stop_ids=(151645, 151643), stop_strings=(), decode=None,
+def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int | list[int] = 256, *,
+                 batch_size: int = 8, stop_ids=(), stop_strings=(), decode=None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seeds: list[int] | None = None,
                  compile: bool = False, cuda_graph: bool | None = None, progress: bool = True) -> list[list[int]]:
     """The new tokens of each prompt (a list of token ids, any lengths), in input order, stop id excluded.
 
-    max_new_tokens: one limit for all or one per prompt. A request ends at its first token in stop_ids, when
-    decode(its last tokens) contains one of stop_strings (those tokens are kept; generate_texts cuts the text), or at
-    its limit. Greedy if temperature == 0, else sampled (see sample) from torch.Generator().manual_seed(seeds[i]) for
-    prompt i (default seed i). Prompts are admitted longest first, at most batch_size at a time. compile:
-    torch.compile the decode step (fullgraph, static shapes); cuda_graph (default: on CUDA) replays it as a graph.
+    max_new_tokens: one limit for all or one per prompt. A request ends at its first token in stop_ids (the model's
+    are stops(model, tokenizer)[0]), when decode(its last tokens) contains one of stop_strings (those tokens are kept;
+    generate_texts cuts the text), or at its limit. Greedy if temperature == 0, else sampled (see sample) from
+    torch.Generator().manual_seed(seeds[i]) for prompt i (default seed i). Prompts are admitted longest first, at most
+    batch_size at a time. compile: torch.compile the decode step (fullgraph, static shapes); cuda_graph (default: on
+    CUDA) replays it as a graph.
     A tqdm bar (answers done, tokens/s) shows when a call runs over 2 s and progress is True."""
     n = len(prompts)
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -95,7 +96,7 @@ def generate_ids(model: Qwen2, prompts: list[list[int]], max_new_tokens: int | l
     return out
 
 
-def prefill(model: Qwen2, cache: list[tuple[Tensor, Tensor]], prompts: list[list[int]], rows: list[int]) -> Tensor:
+def prefill(model: CausalLM, cache: list[tuple[Tensor, Tensor]], prompts: list[list[int]], rows: list[int]) -> Tensor:
     """Run prompts (right-padded into one batch, positions from 0) through a scratch cache, copy their keys and values
     into `rows` of cache, and return the fp32 logits [len(rows), V] after each prompt's last token."""
     dev, k, T = cache[0][0].device, len(prompts), max(map(len, prompts))
@@ -112,14 +113,14 @@ def prefill(model: Qwen2, cache: list[tuple[Tensor, Tensor]], prompts: list[list
     return model.lm_head(h[torch.arange(k, device=dev), lens - 1]).float()
 
 
-def decode_step(model: Qwen2, cache: list[tuple[Tensor, Tensor]], tok: Tensor, pos: Tensor) -> Tensor:
+def decode_step(model: CausalLM, cache: list[tuple[Tensor, Tensor]], tok: Tensor, pos: Tensor) -> Tensor:
     """One token per row: feed tok [B] at slot and position pos [B]; fp32 logits [B, V] of the next token. The
     whole cache is attended under a mask of each row's slots <= pos, so every call has the same shapes."""
     mask = (torch.arange(cache[0][0].shape[2], device=pos.device) <= pos[:, None])[:, None, None]
     return model.lm_head(model.decoder(tok[:, None], pos[:, None], mask, cache)[:, 0]).float()
 
 
-def static_step(model: Qwen2, cache: list[tuple[Tensor, Tensor]], compile: bool = False, cuda_graph: bool = False):
+def static_step(model: CausalLM, cache: list[tuple[Tensor, Tensor]], compile: bool = False, cuda_graph: bool = False):
     """decode_step behind static [B] input buffers: step(tok, pos) -> logits. compile: torch.compile(fullgraph, no
     dynamic shapes); cuda_graph: captured once, replayed every step (one launch instead of one per kernel). The
     capture's warm-up writes into slot 0 of the still-empty rows, which every prefill overwrites."""
@@ -191,18 +192,20 @@ def sampling_config(model_dir) -> dict:
             "top_p": float(g.get("top_p", 1.0))}
 
 
-def stops(model: Qwen2, tok) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def stops(model: CausalLM, tok) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """What ends an answer: (token ids, strings). The ids are generation_config.json's eos_token_id(s) (else
-    config.json's), plus ChatML's <|im_end|> and <|endoftext|>; the strings: generation_config.json's stop_strings."""
+    config.json's; Llama 3's list holds <|eot_id|>), plus the tokenizer's end of turn (chat.ChatTokenizer.end_of_turn:
+    its eos_token and the chat template's <|im_end|>, <|eot_id|>, </s>...); the strings: generation_config.json's
+    stop_strings."""
     g = generation_config(model.source_dir) if model.source_dir else {}
     eos = g.get("eos_token_id", model.config.eos_token_id)
-    ids = (eos if isinstance(eos, list) else [eos]) + [tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids = (eos if isinstance(eos, list) else [eos]) + list(tok.end_of_turn)
     strings = g.get("stop_strings") or ()
     strings = (strings,) if isinstance(strings, str) else tuple(strings)
     return tuple(dict.fromkeys(i for i in ids if i is not None)), strings
 
 
-def generate_texts(model: Qwen2, tok, prompts: list[str], *, batch_size: int, max_new_tokens: int, sampling: dict,
+def generate_texts(model: CausalLM, tok, prompts: list[str], *, batch_size: int, max_new_tokens: int, sampling: dict,
                    stop_ids: tuple, stop_strings: tuple = (), seed: int = 0, compile: bool = False,
                    progress: bool = True) -> tuple[list[str], list[int], float, int]:
     """One answer per rendered prompt: (texts, new-token counts, seconds, prompts truncated). A prompt longer than the

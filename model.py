@@ -1,15 +1,18 @@
-"""Qwen2 / Qwen2.5 (default: Qwen2.5-0.5B-Instruct) in plain PyTorch, numerically equal to Hugging Face's
-`Qwen2ForCausalLM`, with memory-light log-probs and strict safetensors load/save of local folders.
+"""Qwen2 / Qwen2.5, Llama (2, 3, 3.1+ with llama3 RoPE scaling) and Mistral decoders (default: Qwen2.5-0.5B-Instruct) in
+plain PyTorch, numerically equal to Hugging Face's `Qwen2ForCausalLM`, `LlamaForCausalLM` and `MistralForCausalLM`, with
+memory-light log-probs and strict safetensors load/save of local folders.
 
-Architecture (Qwen2 tech report, arXiv:2407.10671): pre-norm decoder; RMSNorm (Zhang & Sennrich 2019); grouped-query
-attention (Ainslie et al. 2023) with q/k/v biases and no o_proj bias; RoPE (Su et al. 2021) in HF's half-split
-`rotate_half` layout; SwiGLU MLP down(silu(gate(x)) * up(x)) (Shazeer 2020). Module names are the checkpoint keys.
+Architecture (Qwen2 tech report, arXiv:2407.10671; Llama 3, arXiv:2407.21783; Mistral 7B, arXiv:2310.06825): pre-norm
+decoder; RMSNorm (Zhang & Sennrich 2019); grouped-query attention (Ainslie et al. 2023); RoPE (Su et al. 2021) in HF's
+half-split `rotate_half` layout; SwiGLU MLP down(silu(gate(x)) * up(x)) (Shazeer 2020). The three families differ only
+by config (see Config): q/k/v biases, head_dim, RoPE scaling, sliding window. Module names are the checkpoint keys.
 Precision: RoPE angles, RMSNorm statistics, softmax (inside SDPA) and log-probs are fp32, so fp16 autocast is safe.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,6 +26,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from logprobs import token_logps
+
 _flex_compiled = functools.cache(lambda: torch.compile(flex_attention, dynamic=False))  # built on first CUDA use
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -32,50 +37,89 @@ class UserError(Exception):
     """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (data.run_cli)."""
 
 
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 @dataclass
-class Qwen2Config:
-    """Field names are the HF config.json keys; defaults are Qwen2.5-0.5B-Instruct (head_dim = 896 / 14 = 64)."""
+class Config:
+    """Field names are the HF config.json keys; defaults are Qwen2.5-0.5B-Instruct (head_dim = 896 / 14 = 64). What
+    sets the families apart: q/k/v biases (qwen2 always; llama if attention_bias, which biases o_proj too), llama's
+    mlp_bias, rope_scaling (llama3), mistral's sliding_window (sequences longer than it are refused, see decoder)."""
+    model_type: str = "qwen2"  # qwen2, llama or mistral (ARCHITECTURES)
     vocab_size: int = 151936  # embedding rows; more than the tokenizer's 151,665 tokens (padded for speed)
     hidden_size: int = 896
     intermediate_size: int = 4864
     num_hidden_layers: int = 24
     num_attention_heads: int = 14
     num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 32768
     rope_theta: float = 1000000.0
+    rope_scaling: dict | None = None  # llama3: factor, low/high_freq_factor, original_max_position_embeddings
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
     torch_dtype: str = "bfloat16"
     hidden_act: str = "silu"
-    use_sliding_window: bool = False
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "Qwen2Config":
-        """From a config.json dict (transformers 4 or 5 names): unknown keys ignored, unimplemented features refused."""
-        if d.get("model_type") != "qwen2":
-            raise UserError(f"{source}: model_type is {d.get('model_type')!r}; model.py implements only 'qwen2'")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UserError(f"{source}: RoPE scaling {rope} is not supported; remove it for the default RoPE")
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        """From a config.json dict (transformers 4 or 5 names) as transformers reads it: its defaults for absent keys,
+        unknown keys ignored, unimplemented features (other architectures, RoPE types, activations) refused."""
+        arch = d.get("architectures") or [ARCHITECTURES.get(d.get("model_type"))]
+        kind = {a: k for k, a in ARCHITECTURES.items()}.get(arch[0]) if len(arch) == 1 else None
+        if kind is None or d.get("model_type", kind) != kind:
+            raise UserError(f"{source}: architectures {d.get('architectures')}, model_type {d.get('model_type')!r} is "
+                            f"not supported; model.py implements {', '.join(ARCHITECTURES.values())}")
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}  # transformers 4 or 5
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3") or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UserError(f"{source}: RoPE {rope} is not supported; only the default RoPE and rope_type 'llama3'")
+        llama3 = rope_type == "llama3"  # original_max_position_embeddings defaults to max_position_embeddings
+        scaling = {"rope_type": rope_type, "original_max_position_embeddings": d.get("max_position_embeddings"), **rope}
+        if llama3 and (missing := [k for k in LLAMA3_ROPE_KEYS if scaling.get(k) is None]):
+            raise UserError(f"{source}: rope_type 'llama3' needs {missing} in rope_scaling")
         if d.get("use_sliding_window") or d.get("hidden_act", "silu") != "silu":
             raise UserError(f"{source}: only use_sliding_window=false and hidden_act='silu' are implemented")
-        d = {"rope_theta": rope.get("rope_theta", cls.rope_theta), "torch_dtype": d.get("dtype", cls.torch_dtype), **d}
+        d = {"tie_word_embeddings": False, **d, "model_type": kind,  # transformers' defaults, then the file's values
+             "rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+             "rope_scaling": {k: scaling[k] for k in ("rope_type", *LLAMA3_ROPE_KEYS)} if llama3 else None,
+             "attention_bias": kind == "llama" and d.get("attention_bias", False),  # only Llama reads these two
+             "mlp_bias": kind == "llama" and d.get("mlp_bias", False),
+             "sliding_window": d.get("sliding_window", 4096) if kind == "mistral" else None,  # only Mistral reads it
+             "torch_dtype": d.get("dtype") or d.get("torch_dtype") or cls.torch_dtype}
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
     @classmethod
-    def from_json(cls, path) -> "Qwen2Config":
+    def from_json(cls, path) -> "Config":
         return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
 
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """fp32 cos/sin [B, 1, T, head_dim] of angle pos * theta^(-2i/head_dim), the two halves repeated (HF layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim)
+def rope_frequencies(c: Config, device=None) -> Tensor:
+    """fp32 [head_dim / 2] inverse frequencies theta^(-2i/head_dim); with llama3 scaling exactly as transformers'
+    _compute_llama3_parameters: wavelengths 2 pi / f above original_max_position_embeddings / low_freq_factor are
+    stretched by factor, those below .../ high_freq_factor kept, the band between interpolated smoothly."""
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=device, dtype=torch.float) / c.head_dim)
+    if not c.rope_scaling:
+        return inv_freq
+    factor, low, high, ctx = (c.rope_scaling[k] for k in LLAMA3_ROPE_KEYS)
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq = torch.where(wavelen > ctx / low, inv_freq / factor, inv_freq)
+    smooth = (ctx / wavelen - low) / (high - low)
+    medium = ~(wavelen < ctx / high) & ~(wavelen > ctx / low)
+    return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, inv_freq)
+
+
+def rope_cos_sin(position_ids: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 cos/sin [B, 1, T, head_dim] of angle pos * inv_freq[i], the two halves repeated (HF layout)."""
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos(), emb.sin()
@@ -109,13 +153,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: Qwen2Config):
+    def __init__(self, c: Config):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=False)
+        bias = c.attention_bias or c.model_type == "qwen2"  # Qwen2: q/k/v biases, no o_proj bias
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, mask, kv=None, slots=None):
         B, T, _ = x.shape
@@ -140,18 +185,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: Qwen2Config):
+    def __init__(self, c: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: Qwen2Config):
+    def __init__(self, c: Config):
         super().__init__()
         self.self_attn, self.mlp = Attention(c), MLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -162,60 +207,11 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class _TokenLogps(torch.autograd.Function):
-    """log softmax(h W^T)[target] for N rows, chunk by chunk. Forward keeps only the fp32 logsumexp [N]; backward
-    recomputes each chunk's logits, so at most one [chunk, V] logit block (plus its softmax, in place) exists."""
+class CausalLM(nn.Module):
+    """Qwen2ForCausalLM, LlamaForCausalLM or MistralForCausalLM, as config.model_type says. `gradient_checkpointing =
+    True` recomputes each layer in backward during training."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, dtype):
-        acc = torch.promote_types(dtype, torch.float)  # fp32, or fp64 for gradcheck
-        h, w = hidden.to(dtype), weight.to(dtype)
-        out, lse = hidden.new_empty(len(h), dtype=acc), hidden.new_empty(len(h), dtype=acc)
-        for s in range(0, len(h), chunk_size):
-            logits = (h[s:s + chunk_size] @ w.T).to(acc)
-            out[s:s + chunk_size] = logits.gather(1, targets[s:s + chunk_size, None])[:, 0]
-            m = logits.amax(-1, keepdim=True)  # logsumexp in place: no second [chunk, V] block
-            lse[s:s + chunk_size] = logits.sub_(m).exp_().sum(-1).log_() + m[:, 0]
-        out -= lse
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        h, w, C = hidden.to(ctx.dtype), weight.to(ctx.dtype), ctx.chunk_size
-        gh = torch.empty_like(h)
-        gw = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None  # frozen head: skip
-        for s in range(0, len(h), C):
-            g, rows = grad[s:s + C, None].to(lse.dtype), torch.arange(len(h[s:s + C]), device=h.device)
-            # d logp / d logits = onehot(target) - softmax; the softmax is built in place over the recomputed logits
-            dlogits = (h[s:s + C] @ w.T).to(lse.dtype).sub_(lse[s:s + C, None]).exp_().mul_(-g)
-            dlogits[rows, targets[s:s + C]] += g[:, 0]
-            dlogits = dlogits.to(ctx.dtype)
-            gh[s:s + C] = dlogits @ w
-            if gw is not None and gw.dtype == dlogits.dtype:
-                gw.addmm_(dlogits.T, h[s:s + C])  # in place: no second [V, D] tensor
-            elif gw is not None:
-                gw += (dlogits.T @ h[s:s + C]).to(gw.dtype)  # half-precision matmul, fp32 sum across chunks
-        return gh.to(hidden.dtype), None if gw is None else gw.to(weight.dtype), None, None, None
-
-
-def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
-    """[N] fp32 log p(targets[n] | hidden[n]) = (h W^T)[t] - logsumexp(h W^T), hidden [N, D], weight [V, D]. No [N, V]
-    tensor in forward or backward: logits exist one [chunk_size, V] block at a time (recomputed in backward). The
-    matmul runs in the autocast dtype (else the inputs'), logsumexp in fp32; gradients reach hidden and weight."""
-    dev = hidden.device.type
-    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-             else torch.promote_types(hidden.dtype, weight.dtype))
-    with torch.autocast(dev, enabled=False):
-        return _TokenLogps.apply(hidden, weight, targets, chunk_size, dtype)
-
-
-class Qwen2(nn.Module):
-    """Qwen2ForCausalLM. `gradient_checkpointing = True` recomputes each layer in backward during training."""
-
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Config):
         super().__init__()
         self.config, self.gradient_checkpointing = config, False
         self.model = nn.ModuleDict(dict(
@@ -231,9 +227,14 @@ class Qwen2(nn.Module):
                 kv_cache: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Final-normed hidden states [B, T, D] of input_ids [B, T] at position_ids [B, T]. mask: [B, 1, T, S] bool
         (True = may attend) or None for causal. kv_cache (generate.py): per layer (keys, values), [B, n_kv, S, head_dim]
-        each, 0 where unwritten; a token's keys/values go to slot = its position id, the mask picks the slots read."""
+        each, 0 where unwritten; a token's keys/values go to slot = its position id, the mask picks the slots read.
+        Sliding-window attention is not implemented: a row (or cache) longer than config.sliding_window is refused."""
+        span, window = input_ids.shape[1] if kv_cache is None else kv_cache[0][0].shape[2], self.config.sliding_window
+        if window is not None and span > window:  # up to `window` tokens, causal attention is the same thing
+            raise UserError(f"a sequence of {span} tokens is longer than the model's sliding_window ({window}, "
+                            f"config.json), which model.py does not implement: use sequences of at most {window}")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, rope_frequencies(self.config, input_ids.device))
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -269,14 +270,14 @@ class Qwen2(nn.Module):
         return torch.zeros(scored.shape, device=lp.device).masked_scatter(scored, lp).sum(-1)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=torch.float32) -> "Qwen2":
+    def from_pretrained(cls, folder, dtype=torch.float32) -> "CausalLM":
         """A local folder's config.json + model.safetensors (or model.safetensors.index.json's shards), strictly: a
         missing/unexpected key or a wrong shape is a UserError naming it. Tied embeddings: lm_head.weight absent, or
         equal to the embedding. Nothing is unpickled. (data.load_model downloads Hub ids first.)"""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder}: not a model folder (no config.json)")
-        config = Qwen2Config.from_json(folder / "config.json")
+        config = Config.from_json(folder / "config.json")
         index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
         if index.is_file():
             key_file = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -317,13 +318,14 @@ class Qwen2(nn.Module):
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
               if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-        config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **asdict(self.config),
+        config = {"architectures": [ARCHITECTURES[self.config.model_type]], **asdict(self.config),
                   "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES if self.source_dir else ():
             src = Path(self.source_dir) / name
             if src.is_file() and src.resolve() != (out / name).resolve():
                 shutil.copyfile(src, out / name)
+
 
 
 def _load_safetensors(file: Path, keys: list[str], shapes: dict, dtype) -> dict[str, Tensor]:

@@ -9,7 +9,7 @@ tokens never see chosen ones; nothing crosses segments and nothing sees padding.
 pair instead of twice, and no token is padding but the tail of a row shorter than the longest.
 Scoring: a completion token is predicted by the hidden state before it, except the rejected answer's first token,
 which is predicted by the prompt's last (as it is alone); `predict` gathers exactly those hidden states, so only
-completion positions go through the LM head (model.token_logps: chunked, fp32).
+completion positions go through the LM head (logprobs.token_logps: chunked, fp32).
 Kernels: on CUDA, FlexAttention with a block mask (compiled; blocks with nothing allowed are skipped). On the CPU,
 SDPA with the dense boolean mask; rows are filled up to --pack-tokens (first fit, longest pair first), which bounds
 the mask's rows x L² (BENCHMARKS.md has the measurements behind the default).
@@ -17,7 +17,8 @@ the mask's rows x L² (BENCHMARKS.md has the measurements behind the default).
 import torch
 from torch import Tensor
 
-from model import Qwen2, UserError, token_logps
+from logprobs import token_logps
+from model import CausalLM, UserError
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branch ids: a rejected token may see prompt tokens and rejected tokens
 LAYOUT = ("input_ids", "position_ids", "segment", "branch", "predict", "target", "owner")
@@ -105,7 +106,7 @@ def block_mask(segment: Tensor, branch: Tensor):
     return create_block_mask(rule, B=R, H=None, Q_LEN=L, KV_LEN=L, device=segment.device)
 
 
-def packed_logps(model: Qwen2, input_ids: Tensor, position_ids: Tensor, segment: Tensor, branch: Tensor,
+def packed_logps(model: CausalLM, input_ids: Tensor, position_ids: Tensor, segment: Tensor, branch: Tensor,
                  predict: Tensor, target: Tensor, owner: Tensor, n_seqs: int, chunk_size: int = 1024,
                  flex: bool | None = None) -> Tensor:
     """[n_seqs] fp32 summed completion log-probs of a packed batch (pack's tensors; n_seqs = 2B, chosen answers

@@ -23,32 +23,32 @@ from pathlib import Path
 import torch
 
 import data
-from model import Qwen2, Qwen2Config, UserError
+from model import CausalLM, Config, UserError
 
 ACT_D = {4: 37.5, 2: 34.9}  # bytes per hidden unit and token a decoder layer keeps, by compute-dtype size (fp32, 16-bit)
 GIB = 2.0 ** 30
 
 
-def config_of(args) -> Qwen2Config:
+def config_of(args) -> Config:
     """The policy's config.json: the demo's, a local folder's, or the Hub's (that one file only)."""
     if args.demo and args.model == "demo":
-        return Qwen2Config.from_json(Path(__file__).resolve().parent / "demo" / "config.json")
+        return Config.from_json(Path(__file__).resolve().parent / "demo" / "config.json")
     folder = Path(args.model).expanduser()
     if folder.is_dir():
-        return Qwen2Config.from_json(folder / "config.json") if (folder / "config.json").is_file() else \
+        return Config.from_json(folder / "config.json") if (folder / "config.json").is_file() else \
             data.load_model(str(folder)).config  # resolve_model_dir names the missing file
     from huggingface_hub import hf_hub_download
     try:
-        return Qwen2Config.from_json(hf_hub_download(args.model, "config.json", revision=args.revision))
+        return Config.from_json(hf_hub_download(args.model, "config.json", revision=args.revision))
     except OSError as e:
         raise UserError(f"--dry-run: cannot get {args.model}'s config.json ({type(e).__name__}); pass a local "
                         "folder") from None
 
 
-def plan(args, config: Qwen2Config, world: int) -> dict[str, float]:
+def plan(args, config: Config, world: int) -> dict[str, float]:
     """Bytes per device by item, and the FLOPs of one optimizer step (see the module docstring)."""
     with torch.device("meta"):
-        model = Qwen2(config)
+        model = CausalLM(config)
     P = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     shard = world if args.fsdp else 1

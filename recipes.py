@@ -15,8 +15,8 @@ rebuttal: β = 0.01 for MixDPO and every baseline, the handbook's value). All of
 transformers' Trainer does: shuffled every epoch, the last partial batch trained (--order random; MixDPO's own
 order is --order two-stage).
 """
-NOT_QWEN2 = ("model.py implements Qwen2 only (Llama/Mistral: the scale-out issue); the paper's model is kept "
-             "so the recipe is the paper's, pass --model to run it on a Qwen2")
+SEVEN_B = ("a 7-8B model: its weights, gradients and AdamW state (~16 bytes a parameter) need sharding, so run it "
+           "under torchrun with --fsdp (README: Scale-out); --dry-run prints the memory plan first")
 
 YAO_SOURCE = ("Yao et al. 2025 (arXiv 2508.08466), experimental setup: TRL DPOTrainer defaults (DPOConfig lr 1e-6, "
               "max_length 1024, max_prompt_length 512, beta 0.1; TrainingArguments batch 8, 3 epochs, linear, no "
@@ -74,7 +74,7 @@ MIXDPO_SOURCE = ("MixDPO (Pang et al. 2026, arXiv 2602.00954) on the Alignment H
 MIXDPO = {**BIG, **UF_BASE, "order": "two-stage", "lr": 5e-7, "max_length": 1024, "max_prompt_length": 512,
           "loss": "mixdpo", "beta": 0.01, "difficulty_threshold": 0.5, "difficulty": "score", "sft_ref": False}
 MIXDPO_NOTES = {"difficulty_threshold": "τ could not be found in what we could read; 0.5 (half a rating point) is "
-                                        "the catalogue default", "model": NOT_QWEN2}
+                                        "the catalogue default", "model": SEVEN_B}
 
 
 def _recipes() -> dict[str, dict]:
@@ -83,21 +83,21 @@ def _recipes() -> dict[str, dict]:
            for loss, hp in YAO_LOSSES.items()}
     for name, setting in SETTINGS.items():
         lr, beta, ratio = LMPO[name]
-        out[f"lmpo-{name}"] = {"source": LMPO_SOURCE.format(name), "notes": {"model": NOT_QWEN2}, "args": {
+        out[f"lmpo-{name}"] = {"source": LMPO_SOURCE.format(name), "notes": {"model": SEVEN_B}, "args": {
             **setting, **BIG, "lr": lr, "loss": "lmpo", "beta": beta, "gamma_beta_ratio": ratio, "margin_weight": 0.2,
             "margin_power": 5, "decay": 0.9}}
     for name, setting in SETTINGS.items():
         lr, beta = AMAPO[name]
         out[f"amapo-{name}"] = {"source": AMAPO_SOURCE.format(name), "args": {
             **setting, **BIG, "lr": lr, "loss": "amapo", "beta": beta, "amapo_form": "release"}, "notes": {
-            "model": NOT_QWEN2, **({"beta": "the README's table; the config file says 3.0 (a run named "
+            "model": SEVEN_B, **({"beta": "the README's table; the config file says 3.0 (a run named "
                                             "..._OOD_4)"} if name == "llama-3-8b-base" else {})}}
     out["mixdpo-mistral-7b-base"] = {"source": MIXDPO_SOURCE, "notes": MIXDPO_NOTES,
                                      "args": {"model": "alignment-handbook/zephyr-7b-sft-full", **MIXDPO}}
     out["mixdpo-llama-3-8b-base"] = {"source": MIXDPO_SOURCE, "args": {
         "model": "princeton-nlp/Llama-3-Base-8B-SFT", **MIXDPO}, "notes": {**MIXDPO_NOTES, "model": (
             "the paper's LLaMA-3-8B SFT checkpoint was not found; the UltraChat-SFT Llama-3 of the SimPO pipeline the "
-            "authors cite is the closest documented one. " + NOT_QWEN2), "lr": (
+            "authors cite is the closest documented one. " + SEVEN_B), "lr": (
             "the paper's Llama learning rate was not found; the handbook's 5e-7")}}
     return out
 

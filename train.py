@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import chat
 import checkpoint
 import data
 import distributed
@@ -33,7 +34,7 @@ import packing
 import plan
 import recipes
 import tracking
-from model import Qwen2, Qwen2Config, UserError
+from model import CausalLM, Config, UserError
 
 HERE = Path(__file__).resolve().parent
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
@@ -318,7 +319,7 @@ def step_hparams(args, step: int) -> dict:
 class Scorer(torch.nn.Module):
     """packing.packed_logps as a forward(), so DDP's gradient hooks and torch.compile see the policy call."""
 
-    def __init__(self, model: Qwen2, chunk_size: int):
+    def __init__(self, model: CausalLM, chunk_size: int):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
@@ -334,7 +335,7 @@ def pack_tokens(args) -> int:
 def build_demo_model(args, out: Path) -> Path:
     """A tiny Qwen2 from demo/config.json, initialised from scratch (normal(0, 0.02), GPT-2 style)."""
     torch.manual_seed(args.seed)
-    model = Qwen2(Qwen2Config.from_json(HERE / "demo/config.json"))
+    model = CausalLM(Config.from_json(HERE / "demo/config.json"))
     for name, p in model.named_parameters():  # norms keep their weight 1
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
@@ -350,7 +351,7 @@ def load_pairs(args, model_dir: Path, source: str, split: str, device, rank: int
     rank 0, while the other ranks wait, then read it)."""
     if not needs_ref(args):
         rows, _ = data.load_rows(source, split)
-        return data.tokenize_pairs(rows, data.load_tokenizer(model_dir), args.max_length, args.max_prompt_length,
+        return data.tokenize_pairs(rows, chat.load_tokenizer(model_dir), args.max_length, args.max_prompt_length,
                                    source=source, skip_bad_rows=args.skip_bad_rows)[0]
     slug = "--".join(Path(x).name or x for x in (args.model, source, split)).replace("/", "_")
     cache = functools.partial(data.ref_cache, str(model_dir), None, source, split, args.max_length,
@@ -514,7 +515,7 @@ def build_model(args, model_dir: Path, device, world: int):
     """(model, scorer, optimizer, scaler): fp32 master weights on the device; the scorer is what the loop calls
     (DDP- or FSDP2-wrapped under torchrun); AdamW fused (one kernel per step, no foreach temporaries); a
     GradScaler that is active for fp16 only."""
-    model = Qwen2.from_pretrained(model_dir).to(device).train()
+    model = CausalLM.from_pretrained(model_dir).to(device).train()
     model.gradient_checkpointing = args.grad_checkpointing
     if args.compile:  # the decoder layers only: the scored-token gather and chunked head have data-dependent shapes
         for layer in model.model.layers:
@@ -576,7 +577,7 @@ def main(argv=None) -> dict:
     check_plan(args, train_pairs, eval_pairs, plan, world)
     total = min(len(plan), args.max_steps or 10**12)
     model, scorer, opt, scaler = build_model(args, model_dir, device, world)
-    pad_id = data.load_tokenizer(model_dir).token_to_id(data.PAD_TOKEN)
+    pad_id = chat.load_tokenizer(model_dir).pad_id
     step, loss_state, last_ckpt = 0, {}, None
     counters = {"updates": 0, "skipped_steps": 0, "bad_streak": 0, "num_tokens": 0}
     if args.resume:

@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chat  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
-from model import Qwen2, Qwen2Config, UserError  # noqa: E402
+from model import CausalLM, Config, UserError  # noqa: E402
 
 CONFIGS = {  # "real" = Qwen2.5-0.5B-Instruct's shape (the dataclass defaults)
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -62,14 +63,23 @@ def synthetic_instructions(n: int = 805, seed: int = 0) -> list[str]:
     return out
 
 
+SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+CHATML = ("{% if messages[0].role != 'system' %}<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}"
+          "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen2.5's ChatML without tools
+
+
 def bpe_tokenizer(texts: list[str], vocab: int, out_dir: Path) -> Path:
+    """A byte-level BPE trained on texts, with Qwen's special tokens and a ChatML chat template (eos <|im_end|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(texts + [data.DEFAULT_SYSTEM] * 10, trainers.BpeTrainer(
+    tok.train_from_iterator(texts + [SYSTEM] * 10, trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
     return out_dir
 
 
@@ -138,7 +148,7 @@ def run_turns(engine, model, tok, turns, limits, eos, args, device):
         live = [i for i in range(len(turns)) if t < len(turns[i])]
         for i in live:
             convs[i].append({"role": "user", "content": turns[i][t]})
-        prompts = [tok.encode(data.render_chatml(convs[i], add_generation_prompt=True), add_special_tokens=False).ids
+        prompts = [tok.encode(tok.render(convs[i], add_generation_prompt=True), add_special_tokens=False).ids
                    for i in live]
         new, s = timed(lambda: engine(model, prompts, [limits[t][i] for i in live], eos, args), device)
         for i, ids in zip(live, new):
@@ -169,13 +179,13 @@ def main(argv=None) -> dict:
     dtype, tmp = data.DTYPES[args.dtype], Path(tempfile.mkdtemp())
     if args.model:
         model = data.load_model(args.model, dtype=dtype)
-        tok, config = data.load_tokenizer(model.source_dir), args.model
+        tok, config = chat.load_tokenizer(model.source_dir), args.model
     else:
-        tok = data.load_tokenizer(bpe_tokenizer(synthetic_instructions(), 4096, tmp))
-        cfg = Qwen2Config(**CONFIGS[args.config], eos_token_id=tok.token_to_id("<|im_end|>"))
+        tok = chat.load_tokenizer(bpe_tokenizer(synthetic_instructions(), 4096, tmp))
+        cfg = Config(**CONFIGS[args.config], eos_token_id=tok.token_to_id("<|im_end|>"))
         if args.config == "small":
             cfg.vocab_size = tok.get_vocab_size()
-        model, config = Qwen2(cfg), f"random {args.config}"
+        model, config = CausalLM(cfg), f"random {args.config}"
     model = model.to(args.device, dtype).eval()
     hf = None
     if not args.no_hf:
@@ -212,7 +222,7 @@ def main(argv=None) -> dict:
            "load_avg_1min": [round(load, 2), round(os.getloadavg()[0], 2)], "torch": torch.__version__,
            "config": config, "params_M": round(sum(x.numel() for x in model.parameters()) / 1e6, 1),
            "dtype": args.dtype, "prompts": source, "n": len(turns), "turns": max(map(len, turns)),
-           "turn1_prompt_tokens": evaluate.length_stats([len(tok.encode(data.render_chatml(
+           "turn1_prompt_tokens": evaluate.length_stats([len(tok.encode(tok.render(
                [{"role": "user", "content": t[0]}], add_generation_prompt=True), add_special_tokens=False).ids)
                for t in turns]),
            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,

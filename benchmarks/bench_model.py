@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate import generate_ids  # noqa: E402
-from model import Qwen2, Qwen2Config, token_logps  # noqa: E402
+from logprobs import token_logps  # noqa: E402
+from model import CausalLM, Config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,8 +59,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(args) -> Qwen2Config:
-    c = Qwen2Config()  # defaults = Qwen2.5-0.5B-Instruct
+def make_config(args) -> Config:
+    c = Config()  # defaults = Qwen2.5-0.5B-Instruct
     if args.config == "small":
         c.num_hidden_layers = args.layers
     return c
@@ -86,7 +87,7 @@ def timed(fns, device, repeats):
 def speed_rows(args, config):
     dev, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
-    ours = Qwen2(config).to(dev, dtype).eval()
+    ours = CausalLM(config).to(dev, dtype).eval()
     hf = None
     if not args.no_hf:
         import transformers
@@ -123,7 +124,7 @@ def speed_rows(args, config):
 def logp_worker(args):
     """One measurement in this (fresh) process; prints a JSON line."""
     mode, dev = args.logp_worker, args.device
-    V, D, B, T = Qwen2Config().vocab_size, Qwen2Config().hidden_size, args.logp_batch, args.logp_seq_len
+    V, D, B, T = Config().vocab_size, Config().hidden_size, args.logp_batch, args.logp_seq_len
     torch.manual_seed(0)
     weight = (torch.randn(V, D, device=dev) * 0.02).requires_grad_()  # fp32 master weight, as in training
     hidden = torch.randn(B * (T - 1), D, device=dev).requires_grad_()
@@ -207,12 +208,12 @@ def main():
     for what, B, shape, ours, hf, *note in speed:
         print(f"| {what} | {B} | {shape} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f} | {''.join(note)} |")
     if logp:
-        N, V = logp[0]["N"], Qwen2Config().vocab_size
+        N, V = logp[0]["N"], Config().vocab_size
         print(f"\nLog-probs of N = {args.logp_batch} x {args.logp_seq_len - 1} = {N} tokens at vocab {V:,}, hidden "
-              f"{Qwen2Config().hidden_size}, forward + backward ({'fp16 autocast' if cuda else 'fp32'}); one [N, V] "
+              f"{Config().hidden_size}, forward + backward ({'fp16 autocast' if cuda else 'fp32'}); one [N, V] "
               f"fp32 tensor is {N * V * 4 / 2**20:,.0f} MiB. Peak memory: "
               f"{'torch.cuda.max_memory_allocated' if cuda else 'VmHWM after a reset, fresh process'}.\n")
-        wgrad = V * Qwen2Config().hidden_size * 4  # the fp32 [V, D] weight gradient, which both must produce
+        wgrad = V * Config().hidden_size * 4  # the fp32 [V, D] weight gradient, which both must produce
         print("| log-probs | peak extra memory (MiB) | vs naive | minus the [V, D] fp32 weight grad (MiB) | vs naive "
               "| fwd+bwd time (s) |")
         print("|---|---:|---:|---:|---:|---:|")

@@ -45,7 +45,7 @@ import data  # noqa: E402
 import losses  # noqa: E402
 import packing  # noqa: E402
 import train  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
+from model import CausalLM, Config  # noqa: E402
 
 WORDS = 4000  # word-level vocabulary; the embedding keeps the model's 151,936 rows
 
@@ -84,7 +84,7 @@ def make_inputs(args, folder: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     torch.manual_seed(args.seed)
-    model = Qwen2(Qwen2Config(num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=1))
+    model = CausalLM(Config(num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=1))
     with torch.no_grad():  # every parameter redrawn (biases non-zero, norms not 1), small: a non-saturated loss
         for name, param in model.named_parameters():
             param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.02)
@@ -105,7 +105,7 @@ def run_ours(args, folder: Path) -> dict:
     ids = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
     pairs = [data.Pair(ids(r["prompt"]), ids(r["chosen"]) + [1], ids(r["rejected"]) + [1], row=i)
              for i, r in enumerate(json.loads((folder / "pairs.json").read_text()))]
-    model = Qwen2.from_pretrained(folder).to(device)
+    model = CausalLM.from_pretrained(folder).to(device)
     ref = data.score_pairs(model, pairs, 0, args.batch_size, device, args.dtype, budget=2 * args.max_length)
     for p, c, r in zip(pairs, ref["chosen_logps"].tolist(), ref["rejected_logps"].tolist()):
         p.ref_chosen_logps, p.ref_rejected_logps = c, r
@@ -231,7 +231,7 @@ def workload_tokens(n: int = 8192, batch: int = 8, max_length: int = 1024, max_p
 def workload_attention(args) -> dict:
     """Forward + backward seconds of one packed micro-batch of 8 UF-like pairs, per CPU attention path."""
     torch.manual_seed(0)
-    model = Qwen2(Qwen2Config(num_hidden_layers=min(args.layers, 4))).train()
+    model = CausalLM(Config(num_hidden_layers=min(args.layers, 4))).train()
     rng = random.Random(1)
     pairs = [data.Pair([3] * rng.randint(50, 250), [4] * rng.randint(100, 500), [5] * rng.randint(100, 500), row=i)
              for i in range(8)]
@@ -265,7 +265,7 @@ def run_scale_child(args) -> dict:
     args.device, args.fsdp = "cpu", args.engine == "fsdp"
     rank, world, device = distributed.setup(argparse.Namespace(device="cpu", batch_size=args.batch_size))
     torch.manual_seed(args.seed)
-    model = Qwen2(Qwen2Config(num_hidden_layers=args.layers)).train()
+    model = CausalLM(Config(num_hidden_layers=args.layers)).train()
     rng = random.Random(args.seed)
     pairs = [data.Pair([3] * rng.randint(30, 70), [4] * rng.randint(100, 300), [5] * rng.randint(100, 300), row=i,
                        ref_chosen_logps=-500.0, ref_rejected_logps=-500.0) for i in range(args.pairs)]

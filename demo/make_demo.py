@@ -1,12 +1,13 @@
 """Regenerate the offline demo's data, tokenizer and model config (the files next to this script).
 
-The task: "Sort these numbers: 42 7 19 88 3". The chosen answer is the list sorted ascending; the rejected one
-breaks the rule: a shuffle at most half in order, the list descending, or (one pair in five) an almost-sorted list
-with one number repeated: hard pairs with a small score margin, which MixDPO routes to its SFT branch. Chosen and rejected answers always
-have the same number of tokens, so length cannot explain a preference and length-normalised losses learn the
-same rule. A model learns it from the bigram "next number is larger", which a two-layer model picks up in a
-few hundred steps from scratch. Scores imitate UltraFeedback's 1-10 ratings: 10 for the sorted answer, less
-the more adjacent pairs are out of order.
+The task: "Sort these numbers: 42 7 19 88 3", one user turn in TRL's conversational format (rendered with the
+model's chat template, demo/chat_template.jinja: Qwen2.5's ChatML). The chosen answer is the list sorted ascending;
+the rejected one breaks the rule: a shuffle at most half in order, the list descending, or (one pair in five) an
+almost-sorted list with one number repeated: hard pairs with a small score margin, which MixDPO routes to its SFT
+branch. Chosen and rejected answers always have the same number of tokens, so length cannot explain a preference and
+length-normalised losses learn the same rule. A model learns it from the bigram "next number is larger", which a
+two-layer model picks up in a few hundred steps from scratch. Scores imitate UltraFeedback's 1-10 ratings: 10 for
+the sorted answer, less the more adjacent pairs are out of order.
 
     python demo/make_demo.py            # rewrites train.jsonl, test.jsonl, tokenizer*.json, config.json
 """
@@ -36,8 +37,9 @@ def make_pair(rng: random.Random) -> dict:
         bad[i] = bad[i - 1]
     ascending = sum(a < b for a, b in zip(bad, bad[1:])) / (len(bad) - 1)
     score_rejected = 9.7 if kind >= 0.8 else round(1 + 8 * ascending, 1)
-    return {"prompt": "Sort these numbers: " + " ".join(map(str, nums)),
-            "chosen": " ".join(map(str, good)), "rejected": " ".join(map(str, bad)),
+    return {"prompt": [{"role": "user", "content": "Sort these numbers: " + " ".join(map(str, nums))}],
+            "chosen": [{"role": "assistant", "content": " ".join(map(str, good))}],
+            "rejected": [{"role": "assistant", "content": " ".join(map(str, bad))}],
             "score_chosen": 10.0, "score_rejected": score_rejected}
 
 
@@ -60,7 +62,8 @@ def main() -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     rows = splits["train"] + splits["test"]
     numbers = [" ".join(map(str, range(100)))] * 50  # every number frequent enough to become one token
-    texts = [SYSTEM, "system\nuser\nassistant\n"] * 50 + numbers + [r[k] for r in rows for k in ("prompt", "chosen")]
+    texts = [SYSTEM, "system\nuser\nassistant\n"] * 50 + numbers + [r[k][0]["content"] for r in rows
+                                                                      for k in ("prompt", "chosen")]
     tok = train_tokenizer(texts)
     for n in range(100):
         assert len(tok.encode(f" {n}").ids) == 1, f"number {n} is not a single token: raise vocab_size"

@@ -1,18 +1,24 @@
-"""Shared test fixtures: a Qwen-like tokenizer trained on the fly, a tiny random Qwen2 folder, preference data.
+"""Shared test fixtures: Qwen-, Llama-3- and Mistral-like tokenizers trained on the fly, a tiny random model folder,
+preference data, and transformers' models as parity oracles.
 
 Nothing here touches the network. Everything is deterministic and small enough to build in well under a second
-(the tokenizer) or a few seconds (the model).
+(a tokenizer) or a few seconds (a model).
 
-    make_tokenizer_dir(path) -> Path     tokenizer.json + tokenizer_config.json (Qwen2.5's real chat_template)
+    make_tokenizer_dir(path, style="qwen2") -> Path
+                                         tokenizer.json + tokenizer_config.json: "qwen2" has Qwen2.5's real
+                                         chat_template; "llama3" and "mistral" have test templates written here in
+                                         those families' styles (header tokens + <|eot_id|>, a BOS added by the
+                                         tokenizer; [INST] ... [/INST] answer</s>, alternation enforced)
     make_model_dir(path, tokenizer_dir=None, seed=0, **config_overrides) -> Path
-                                         a tiny random Qwen2 saved with Qwen2.save_pretrained + the tokenizer files
+                                         a tiny random model (Qwen2 unless model_type says) saved with
+                                         CausalLM.save_pretrained + the tokenizer files
     make_pref_rows(n=8, fmt="standard", seed=0) -> list[dict]   TRL-format preference rows with scores
     write_jsonl(path, rows) -> Path
-    hf_model(tied, seed=0), ours_from(hf), ragged(lengths, seed=1, left=False)
-                                         transformers' Qwen2 with every parameter re-randomised (the parity
-                                         oracle), our copy of it, and padded token rows (TINY config, PAD id)
+    hf_model(tied, seed=0, family="qwen2"), ours_from(hf), ragged(lengths, seed=1, left=False)
+                                         transformers' Qwen2 / Llama / Mistral with every parameter re-randomised
+                                         (the parity oracle), our copy of it, and padded token rows (TINY, PAD id)
     fixtures: tokenizer_dir, tiny_model_dir (session-scoped), pref_jsonl (standard rows in tmp_path),
-              pair ((transformers, ours) for a tied and an untied TINY model, module-scoped)
+              pair ((transformers, ours) for each of FAMILIES, module-scoped)
 """
 import json
 import random
@@ -24,7 +30,7 @@ import torch
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Qwen/Qwen2.5-0.5B-Instruct tokenizer_config.json "chat_template", verbatim (JSON-unescaped). Tests render it
-# with jinja2 as the oracle for data.render_chatml.
+# with chat.ChatTokenizer (jinja2) and compare with transformers' apply_chat_template.
 QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0]['role'] == 'system' %}
@@ -81,6 +87,92 @@ QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
 {%- endif %}
 """
 
+# Test templates in the Llama 3 and Mistral styles, written for these tests (not the vendors' text): the same
+# special tokens and turn layout, tools, tool calls and tool results, raise_exception, tojson with arguments, loop
+# controls and a {% generation %} block, so that rendering them exercises what transformers' jinja setup provides.
+LLAMA3_STYLE_TEMPLATE = r"""{{- bos_token }}
+{%- if messages[0].role == "system" %}
+    {%- set system = messages[0].content | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system = "Answer as well as you can." %}
+{%- endif %}
+{%- if tools %}
+    {%- set system = system + "\n\nYou may call these functions:\n" + (tools | tojson(indent=2)) %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" + system + "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if message.role == "tool" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" + message.content + "<|eot_id|>" }}
+        {%- continue %}
+    {%- endif %}
+    {{- "<|start_header_id|>" + message.role + "<|end_header_id|>\n\n" }}
+    {%- if message.role == "assistant" %}
+        {%- generation %}
+        {%- if "tool_calls" in message %}
+            {%- for call in message.tool_calls %}
+                {{- {"name": call.function.name, "parameters": call.function.arguments} | tojson(sort_keys=true) }}
+            {%- endfor %}
+            {{- "<|eom_id|>" }}
+        {%- else %}
+            {{- message.content | trim + "<|eot_id|>" }}
+        {%- endif %}
+        {%- endgeneration %}
+    {%- elif message.role in ["user", "system"] %}
+        {{- message.content | trim + "<|eot_id|>" }}
+    {%- else %}
+        {{- raise_exception("unknown role " + message.role) }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- "<|start_header_id|>assistant<|end_header_id|>\n\n" }}
+{%- endif %}
+"""
+
+MISTRAL_STYLE_TEMPLATE = r"""{%- if messages[0].role == "system" %}
+    {%- set system = messages[0].content %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set turns = messages %}
+{%- endif %}
+{{- bos_token }}
+{%- for message in turns %}
+    {%- if message.role == "tool" %}
+        {{- "[TOOL_RESULTS] " + message.content + "[/TOOL_RESULTS]" }}
+    {%- elif (message.role == "user") != (loop.index0 % 2 == 0) %}
+        {{- raise_exception("Conversation roles must alternate user/assistant/user/assistant...") }}
+    {%- elif message.role == "user" %}
+        {%- if tools and loop.first %}
+            {{- "[AVAILABLE_TOOLS] " + tools | tojson + "[/AVAILABLE_TOOLS]" }}
+        {%- endif %}
+        {%- if system is defined and loop.first %}
+            {{- "[INST] " + system + "\n\n" + message.content + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message.content + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls %}
+        {{- "[TOOL_CALLS] " + message.tool_calls | map(attribute="function") | list | tojson + eos_token }}
+    {%- else %}
+        {{- " " + message.content + eos_token }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+# Per style: special tokens (ids 0, 1, ...), tokenizer_config.json's named ones, the template, and whether the
+# tokenizer adds a BOS itself (Llama 3's and Mistral's tokenizer.json do, through a TemplateProcessing post-processor).
+STYLES = {
+    "qwen2": dict(special=SPECIAL_TOKENS, named=dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+                  template=QWEN25_CHAT_TEMPLATE, bos=None),
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>", "<|eom_id|>"],
+                   named=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), template=LLAMA3_STYLE_TEMPLATE,
+                   bos="<|begin_of_text|>"),
+    "mistral": dict(special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                             "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+                    named=dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), template=MISTRAL_STYLE_TEMPLATE,
+                    bos="<s>"),
+}
+
 # Qwen2's pre-tokenizer split (from its tokenizer.json), so the test tokenizer cuts text where Qwen's does.
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                     r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -114,47 +206,54 @@ def _corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def make_tokenizer_dir(path) -> Path:
-    """Train a byte-level BPE (~400 tokens, Qwen2's pre-tokenizer and NFC normaliser) with Qwen's special tokens
-    <|endoftext|>, <|im_start|>, <|im_end|> (ids 0, 1, 2), and write tokenizer.json + tokenizer_config.json with
-    the real Qwen2.5-Instruct chat_template, eos <|im_end|> and pad <|endoftext|> as in Qwen's config."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def make_tokenizer_dir(path, style: str = "qwen2") -> Path:
+    """Train a BPE (~400 tokens) with the style's special tokens first (ids 0, 1, ...) and write tokenizer.json +
+    tokenizer_config.json (its chat_template, bos/eos/pad as the family's configs name them). "qwen2": byte-level
+    with Qwen2's pre-tokenizer and NFC normaliser, the real Qwen2.5-Instruct template, eos <|im_end|>, pad
+    <|endoftext|>, no BOS. "llama3": byte-level, a BOS added by the tokenizer, eos <|eot_id|>, no pad token.
+    "mistral": SentencePiece-like (Metaspace "▁" for spaces), a BOS <s> added by the tokenizer, eos </s>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    st = STYLES[style]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if style == "mistral":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=st["special"], show_progress=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=st["special"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if st["bos"]:
+        tok.post_processor = processors.TemplateProcessing(single=f"{st['bos']} $A", pair=f"{st['bos']} $A $B",
+                                                           special_tokens=[(st["bos"], tok.token_to_id(st["bos"]))])
     tok.save(str(path / "tokenizer.json"))
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                        "single_word": False, "special": True} for t in SPECIAL_TOKENS}
-    config = {"add_prefix_space": False, "added_tokens_decoder": added,
-              "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
-              "chat_template": QWEN25_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-              "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072,
-              "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
-              "unk_token": None}
+                                        "single_word": False, "special": True} for t in st["special"]}
+    config = {"add_prefix_space": False, "added_tokens_decoder": added, "chat_template": st["template"],
+              "clean_up_tokenization_spaces": False, "model_max_length": 131072,
+              "tokenizer_class": "Qwen2Tokenizer" if style == "qwen2" else "PreTrainedTokenizerFast", **st["named"]}
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return path
 
 
 def make_model_dir(path, tokenizer_dir=None, seed: int = 0, **config_overrides) -> Path:
-    """A tiny random Qwen2 (hidden 32, 2 layers, 4 heads, 2 kv heads, intermediate 64, tied embeddings, vocab =
-    tokenizer size rounded up to 64 like Qwen's padded embedding) saved with Qwen2.save_pretrained, plus the
-    tokenizer files, so Qwen2.from_pretrained(path) and data.load_tokenizer(path) both work.
-    config_overrides are Qwen2Config fields."""
+    """A tiny random model (hidden 32, 2 layers, 4 heads, 2 kv heads, intermediate 64, tied embeddings, vocab =
+    tokenizer size rounded up to 64 like Qwen's padded embedding; a Qwen2 unless model_type says otherwise) saved
+    with CausalLM.save_pretrained, plus the tokenizer files, so CausalLM.from_pretrained(path) and
+    chat.load_tokenizer(path) both work. config_overrides are model.Config fields."""
     import shutil
 
     import torch
     from tokenizers import Tokenizer
 
-    from model import Qwen2, Qwen2Config
+    from model import CausalLM, Config
 
     path = Path(path)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else make_tokenizer_dir(path)
@@ -165,7 +264,7 @@ def make_model_dir(path, tokenizer_dir=None, seed: int = 0, **config_overrides) 
                eos_token_id=tok.token_to_id("<|im_end|>"), torch_dtype="float32")
     cfg.update(config_overrides)
     torch.manual_seed(seed)
-    model = Qwen2(Qwen2Config(**cfg))
+    model = CausalLM(Config(**cfg))
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (tokenizer_dir / name).resolve() != (path / name).resolve():
@@ -234,13 +333,27 @@ TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
 PAD = 0
 
 
-def hf_model(tied: bool, seed: int = 0):
-    """transformers.Qwen2ForCausalLM on TINY with every parameter redrawn (HF's init zeroes biases and sets norms
-    to 1, which would hide a dropped bias or a swapped norm)."""
+# What each family adds to TINY: Llama with Llama 3.1's RoPE scaling (original context 64: TINY's head_dim 8 gives
+# wavelengths 6.3, 63, 628, 6283 tokens, one in each band: kept, interpolated, stretched twice) and, to exercise
+# their mapping, attention_bias (q/k/v/o) and mlp_bias; Mistral with an explicit head_dim (16 != 32 / 4, as in
+# Mistral-Nemo) and a sliding window wider than any test sequence.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=TINY["rope_theta"], factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+FAMILY_CONFIG = {"qwen2": {}, "llama": dict(rope_parameters=LLAMA3_ROPE, attention_bias=True, mlp_bias=True),
+                 "mistral": dict(head_dim=16, sliding_window=4096)}
+FAMILIES = [("qwen2", True), ("qwen2", False), ("llama", True), ("mistral", False)]  # (model_type, tied)
+
+
+def hf_model(tied: bool, seed: int = 0, family: str = "qwen2", **overrides):
+    """transformers' Qwen2ForCausalLM, LlamaForCausalLM or MistralForCausalLM on TINY + FAMILY_CONFIG[family] +
+    overrides with every parameter redrawn (HF's init zeroes biases and sets norms to 1, which would hide a dropped
+    bias or a swapped norm)."""
     import transformers
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(**TINY, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
-    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    name = {"qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}[family]
+    cfg = getattr(transformers, f"{name}Config")(**{**TINY, **FAMILY_CONFIG[family], **overrides},
+                                                 tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    hf = getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():  # every parameter, norms around 1, biases non-zero
             p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("layernorm.weight") or name == "model.norm.weight"
@@ -250,15 +363,15 @@ def hf_model(tied: bool, seed: int = 0):
 
 
 def ours_from(hf):
-    from model import Qwen2, Qwen2Config
-    ours = Qwen2(Qwen2Config.from_dict(hf.config.to_dict())).eval()
+    from model import CausalLM, Config
+    ours = CausalLM(Config.from_dict(hf.config.to_dict())).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return ours
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f"{f}-{'tied' if t else 'untied'}" for f, t in FAMILIES])
 def pair(request):
-    hf = hf_model(request.param)
+    hf = hf_model(request.param[1], family=request.param[0])
     return hf, ours_from(hf)
 
 

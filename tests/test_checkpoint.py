@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import checkpoint
-from model import Qwen2, Qwen2Config
+from model import CausalLM, Config
 
 
 @pytest.fixture
 def state(tmp_path):
     torch.manual_seed(0)
-    model = Qwen2(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    model = CausalLM(Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
@@ -48,7 +48,7 @@ def test_resaving_a_step_never_leaves_no_checkpoint(state, monkeypatch):
     monkeypatch.setattr(checkpoint.os, "replace", real)
     found = checkpoint.find(out)
     assert found.name in ("ckpt-000002.old", "ckpt-000002.tmp")
-    model = Qwen2(state["model"].config)
+    model = CausalLM(state["model"].config)
     assert checkpoint.load(found, model, state["opt"], state["scaler"], {})[0] == 2
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), state["model"].parameters()))
 

@@ -1,41 +1,53 @@
-"""data.py: formats, the chat template vs the shipped jinja, truncation, bad rows, sources, batching, ref cache.
+"""data.py: TRL's formats, the model's chat template vs transformers' apply_chat_template, truncation, bad rows,
+sources, batching, ref cache.
 
-Expected token ids always come from encoding a string the test writes out (or the jinja oracle renders) with the
-tokenizer directly, never from data.py's own rendering."""
+Expected token ids always come from transformers (apply_chat_template, the tokenizer's __call__), TRL
+(extract_prompt) or from encoding a string the test writes out, never from data.py's own rendering. The Llama-3- and
+Mistral-style templates are conftest's (written for these tests in those families' styles)."""
 import json
-import math
 import random
+from pathlib import Path
 
 import huggingface_hub.constants
-import jinja2
 import pytest
 import torch
-from conftest import make_pref_rows, write_jsonl
-from tokenizers import Tokenizer
+import transformers
+from conftest import STYLES, make_pref_rows, make_tokenizer_dir, write_jsonl
+from trl.data_utils import extract_prompt, maybe_extract_prompt
 
+import chat
 import data
 import packing
-from data import Pair, UserError, load_rows, make_batches, ref_cache, render_chatml, tokenize_pairs
+from data import Pair, UserError, load_rows, make_batches, ref_cache, tokenize_pairs
 
 SYSTEM_BLOCK = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+ROOT = Path(__file__).resolve().parents[1]
+END_OF_TURN = {"qwen2": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}  # what each style's template writes
 
 
 @pytest.fixture(scope="module")
-def tok(tokenizer_dir) -> Tokenizer:
-    return data.load_tokenizer(tokenizer_dir)
+def tok(tokenizer_dir) -> chat.ChatTokenizer:
+    return chat.load_tokenizer(tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def jinja_render(tokenizer_dir):
-    """The chat_template shipped in the model folder's tokenizer_config.json, rendered as transformers does."""
-    source = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"]
-    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(source)
-    return lambda messages, add_generation_prompt=False: template.render(
-        messages=messages, add_generation_prompt=add_generation_prompt)
+@pytest.fixture(scope="module", params=list(STYLES))
+def style(request, tmp_path_factory):
+    """(style, our tokenizer, transformers' AutoTokenizer) of the same folder, for each conftest.STYLES."""
+    folder = make_tokenizer_dir(tmp_path_factory.mktemp(request.param), request.param)
+    return request.param, chat.load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def enc(tok, text):
     return tok.encode(text, add_special_tokens=False).ids
+
+
+def hf_ids(hf, messages, **kw):
+    return hf.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+
+
+def through_last(ids, token_id):
+    """ids up to and including the last token_id (the oracle's side of 'a completion ends at its end of turn')."""
+    return ids[:len(ids) - ids[::-1].index(token_id)]
 
 
 def u(text):
@@ -50,6 +62,11 @@ def s(text):
     return {"role": "system", "content": text}
 
 
+def conv_row(prompt, chosen, rejected, **extra):
+    """A conversational row: one user turn, one assistant reply each."""
+    return {"prompt": [u(prompt)], "chosen": [a(chosen)], "rejected": [a(rejected)], **extra}
+
+
 CONVERSATIONS = [
     [u("Hello there"), a("Hi! How can I help?")],
     [s("You are terse."), u("What is 2+2?"), a("4")],
@@ -57,51 +74,188 @@ CONVERSATIONS = [
     [s("Answer in lists."), u("Two animals:"), a("- cat\n- dog"), u("Thanks.\nMore?"), a("- bird\n\n- fish 123")],
     [u("  leading spaces and trailing newline\n"), a("Ok:\n\tindented, unicode caf\u00e9 \u2713")],
 ]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                               "arguments": {"city": "Paris"}}}]}
+TOOL_CONVERSATION = [u("Weather in Paris?"), CALL, {"role": "tool", "name": "get_weather", "content": "sunny, 21 C"},
+                     a("It is sunny in Paris.")]
 
 
-# ---------------------------------------------------------------- template
+# ---------------------------------------------------------------- templates: rendered as transformers renders them
 
-@pytest.mark.parametrize("conv", CONVERSATIONS)
-def test_render_matches_shipped_jinja_template(conv, tok, jinja_render):
+@pytest.mark.parametrize("conv", CONVERSATIONS + [TOOL_CONVERSATION])
+def test_render_equals_transformers_apply_chat_template(style, conv):
+    name, ours, hf = style
+    tools = [WEATHER] if conv is TOOL_CONVERSATION else None
     for messages in (conv, conv[:-1]):
         for gen in (False, True):
-            assert render_chatml(messages, gen) == jinja_render(messages, gen)
-            assert enc(tok, render_chatml(messages, gen)) == enc(tok, jinja_render(messages, gen))
+            want = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, tokenize=False)
+            assert ours.render(messages, gen, tools=tools) == want
+    assert ("Paris" in want) == (conv is TOOL_CONVERSATION)
 
 
-@pytest.mark.parametrize("conv", CONVERSATIONS)
-def test_pair_tokens_equal_jinja_conversation_minus_trailing_newline(conv, tok, jinja_render):
-    """prompt_ids + chosen_ids is the whole jinja-rendered conversation tokenized, without the final "\\n" after
-    <|im_end|> (not scored). Holds because no completion here starts with whitespace."""
-    row = {"prompt": conv[:-1], "chosen": conv[-1:], "rejected": [a("Something else entirely.")]}
-    (pair,), _ = tokenize_pairs([row], tok)
-    full = enc(tok, jinja_render(conv))
-    assert full[-1:] == enc(tok, "\n") and full[-2] == tok.token_to_id("<|im_end|>")
-    assert pair.prompt_ids + pair.chosen_ids == full[:-1]
-    assert pair.prompt_ids == enc(tok, jinja_render(conv[:-1], add_generation_prompt=True))
-    assert pair.chosen_ids == enc(tok, conv[-1]["content"] + "<|im_end|>")
+@pytest.mark.parametrize("conv", CONVERSATIONS + [TOOL_CONVERSATION])
+def test_pair_tokens_are_the_templates_conversation_through_its_end_of_turn(style, conv):
+    """prompt_ids = transformers' tokens of the prompt with its generation prompt; prompt_ids + chosen_ids = those of
+    the whole conversation, through its last end-of-turn token (Qwen: without the "\\n" after <|im_end|>; Llama 3 and
+    Mistral styles: everything). Tool results and tool schemas reach the template."""
+    name, ours, hf = style
+    tools = [WEATHER] if conv is TOOL_CONVERSATION else None
+    row = {"prompt": conv[:-1], "chosen": conv[-1:], "rejected": [a("Something else entirely.")], "tools": tools}
+    (pair,), _ = tokenize_pairs([row], ours, 4096, 4096)
+    full = hf_ids(hf, conv, tools=tools)
+    assert pair.prompt_ids == hf_ids(hf, conv[:-1], tools=tools, add_generation_prompt=True)
+    assert pair.prompt_ids + pair.chosen_ids == through_last(full, hf.convert_tokens_to_ids(END_OF_TURN[name]))
+    assert full[len(pair.prompt_ids + pair.chosen_ids):] == (hf.encode("\n", add_special_tokens=False)
+                                                             if name == "qwen2" else [])
 
 
-def test_default_system_prompt_and_generation_header():
-    assert render_chatml([u("hi")], add_generation_prompt=True) == (
-        SYSTEM_BLOCK + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-    assert render_chatml([s("S"), u("hi")]) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+def test_tool_calls_in_completions_tools_as_json_and_null_keys(style):
+    """A completion may be a tool call (chosen) against a plain answer (rejected); "tools" may be a JSON string (as
+    datasets store it); keys whose value is null (as parquet fills them) are dropped, as transformers drops them."""
+    name, ours, hf = style
+    prompt = [u("Weather in Paris?")]
+    row = {"prompt": prompt, "chosen": [CALL], "rejected": [a("I cannot know.")], "tools": [WEATHER]}
+    (pair,), _ = tokenize_pairs([row], ours, 4096, 4096)
+    for side, answer in (("chosen_ids", CALL), ("rejected_ids", a("I cannot know."))):
+        full = hf_ids(hf, prompt + [answer], tools=[WEATHER])
+        stop = "<|eom_id|>" if name == "llama3" and answer is CALL else END_OF_TURN[name]
+        assert pair.prompt_ids + getattr(pair, side) == through_last(full, hf.convert_tokens_to_ids(stop))
+    keys = ("role", "content", "tool_calls", "name")
+    nulls = {k: [{key: m.get(key) for key in keys} for m in v] for k, v in row.items() if k != "tools"}
+    assert tokenize_pairs([{**nulls, "tools": json.dumps([WEATHER])}], ours, 4096, 4096)[0] == [pair]
+
+
+# Block tags without "-" on indented lines (trim_blocks and lstrip_blocks decide the whitespace), and a message's
+# reasoning read under the names transformers copies it to.
+PLAIN_TAGS_TEMPLATE = """{% for m in messages %}
+    {% if m.role == "system" %}
+<<SYS>> {{ m.content }} <</SYS>>
+    {% else %}
+[{{ m.role }}] {{ m.content }}{% if m.reasoning_content %} (thinking: {{ m.thinking }}){% endif %}
+
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+    [assistant]
+{% endif %}"""
+
+
+def test_chat_template_jinja_wins_and_named_templates(tmp_path):
+    """As transformers: chat_template.jinja replaces tokenizer_config.json's template; a list of named templates
+    renders "tool_use" when tools are given, else "default"."""
+    folder = make_tokenizer_dir(tmp_path / "t")
+    (folder / "chat_template.jinja").write_text(PLAIN_TAGS_TEMPLATE)
+    ours, hf = chat.load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    conv = CONVERSATIONS[1][:2] + [{**a("4"), "reasoning": "2 and 2"}]
+    for gen in (False, True):
+        assert ours.render(conv, gen) == hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+    # the line ending right after {% endif %} is trimmed; the blank line below it is the message's "\n"
+    assert ours.render(conv, True) == ("<<SYS>> You are terse. <</SYS>>\n[user] What is 2+2?\n[assistant] 4 "
+                                       "(thinking: 2 and 2)\n    [assistant]\n")
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": config["chat_template"]},
+                               {"name": "tool_use", "template": "TOOLS {{ tools | tojson }} {{ messages[0].content }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = chat.load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    for tools in (None, [WEATHER]):
+        want = hf.apply_chat_template(CONVERSATIONS[0], tools=tools, tokenize=False)
+        assert ours.render(CONVERSATIONS[0], tools=tools) == want
+    assert want.startswith('TOOLS [{"type": "function"')
+
+
+def test_end_of_turn_and_pad_follow_the_tokenizer(style, tmp_path):
+    """end_of_turn: the eos_token and the special token the template writes after a reply; pad_id: pad_token, else
+    eos_token. A base model whose eos_token is <|end_of_text|> still ends chat replies at <|eot_id|>."""
+    name, ours, hf = style
+    want = {"qwen2": ["<|im_end|>"], "llama3": ["<|eot_id|>"], "mistral": ["</s>"]}[name]
+    assert ours.end_of_turn == tuple(hf.convert_tokens_to_ids(want))
+    assert ours.pad_id == hf.convert_tokens_to_ids("<|endoftext|>" if name == "qwen2" else want[0])
+    if name == "llama3":
+        folder = make_tokenizer_dir(tmp_path / "base", "llama3")
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|end_of_text|>"}))
+        assert chat.load_tokenizer(folder).end_of_turn == tuple(hf.convert_tokens_to_ids(["<|end_of_text|>",
+                                                                                          "<|eot_id|>"]))
+
+
+def test_template_errors(tmp_path, capsys):
+    """A template that does not compile names its file; a template's raise_exception is the row's error (skippable);
+    conversational rows need a template, standard rows do not."""
+    folder = make_tokenizer_dir(tmp_path / "m", "mistral")
+    mistral = chat.load_tokenizer(folder)
+    rows = [conv_row("Hi", "Hello.", "Bye."), {"prompt": [u("a"), u("b")], "chosen": [a("c")], "rejected": [a("d")]}]
+    with pytest.raises(UserError, match=r"p\.jsonl: row 1 \(line 2\): the chat template refused it: TemplateError: "
+                                         r"Conversation roles must alternate.*--skip-bad-rows"):
+        tokenize_pairs(rows, mistral, source="p.jsonl")
+    assert [p.row for p in tokenize_pairs(rows, mistral, skip_bad_rows=True)[0]] == [0]
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{% for m in messages %}"}))
+    with pytest.raises(UserError, match=r"tokenizer_config\.json: the chat template does not compile \(line 1"):
+        chat.load_tokenizer(folder)
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    bare = chat.load_tokenizer(folder)
+    with pytest.raises(UserError, match=r"no chat template .*conversational rows need one"):
+        tokenize_pairs(rows[:1], bare)
+    assert len(tokenize_pairs([{"prompt": "Hi", "chosen": " Hello.", "rejected": " Bye."}], bare)[0]) == 1
 
 
 # ---------------------------------------------------------------- formats
 
-def test_standard_format(tok):
-    rows = [{"prompt": "Why is the sky blue?", "chosen": "Light scatters.", "rejected": "Paint.", "score_chosen": 9,
-             "score_rejected": 2}, {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}]
-    pairs, counts = tokenize_pairs(rows, tok)
+def test_standard_rows_are_raw_text_as_trl_tokenizes_them(style):
+    """No chat template: prompt and prompt + completion + eos_token through the tokenizer itself (its own special
+    tokens: the Llama and Mistral styles add a BOS), as TRL's DPOTrainer does; the answers start where the two
+    token lists part. A completion already ending with the eos_token does not get a second one."""
+    name, ours, hf = style
+    eos = STYLES[name]["named"]["eos_token"]
+    rows = [{"prompt": "Why is the sky blue?", "chosen": " Light scatters.", "rejected": " Paint.", "score_chosen": 9,
+             "score_rejected": 2}, {"prompt": "Hi", "chosen": " Hello." + eos, "rejected": " Go away."}]
+    pairs, counts = tokenize_pairs(rows, ours)
     assert counts["kept"] == 2 and counts["rows"] == 2
-    p = pairs[0]
-    assert p.prompt_ids == enc(tok, SYSTEM_BLOCK + "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
-                                    "<|im_start|>assistant\n")
-    assert p.chosen_ids == enc(tok, "Light scatters.<|im_end|>")
-    assert p.rejected_ids == enc(tok, "Paint.<|im_end|>")
-    assert (p.row, p.score_chosen, p.score_rejected) == (0, 9.0, 2.0)
+    for p, r in zip(pairs, rows):
+        prompt = hf(r["prompt"])["input_ids"]
+        assert p.prompt_ids == prompt and (prompt[0] == hf.bos_token_id) == (name != "qwen2")
+        for side in ("chosen", "rejected"):
+            text = r["prompt"] + r[side].removesuffix(eos) + eos
+            assert p.prompt_ids + getattr(p, f"{side}_ids") == hf(text)["input_ids"]
+    assert pairs[1].chosen_ids.count(hf.eos_token_id) == 1
+    assert (pairs[0].row, pairs[0].score_chosen, pairs[0].score_rejected) == (0, 9.0, 2.0)
     assert (pairs[1].row, pairs[1].score_chosen, pairs[1].score_rejected) == (1, None, None)
+
+
+def test_standard_answers_start_where_the_tokens_part(tok):
+    """Raw text cut inside a word: "Go to th" alone ends with the token " th", but "Go to th" + "e house." is
+    tokenized " the" " h"...: the answer starts at the first token that differs (" the"), as TRL's
+    common_prefix_length makes it, so the prompt loses its last token."""
+    (p,), _ = tokenize_pairs([{"prompt": "Go to th", "chosen": "e house.", "rejected": "ings."}], tok)
+    alone, joint = enc(tok, "Go to th"), enc(tok, "Go to the house.<|im_end|>")
+    assert joint[:len(alone) - 1] == alone[:-1] and joint[len(alone) - 1] != alone[-1]  # the case is not vacuous
+    assert p.prompt_ids == alone[:-1] and p.chosen_ids == joint[len(alone) - 1:]
+    assert p.rejected_ids == enc(tok, "Go to things.<|im_end|>")[len(alone) - 1:]
+
+
+def test_implicit_prompts_are_trls_extract_prompt(tok):
+    """Without "prompt", chosen and rejected's shared start is the prompt, as TRL's extract_prompt finds it: whole
+    messages, or characters ("The sky is" + " blue." / " green.": the space goes to the answers). A string prompt
+    beside conversations is ignored (TRL's maybe_extract_prompt); the pairs equal the explicit rows'."""
+    text = {"chosen": "The sky is blue.", "rejected": "The sky is green."}
+    assert extract_prompt(text) == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    implicit = make_pref_rows(12, "implicit", seed=3)
+    h4 = {"prompt": "What is 2+2?", "chosen": [u("What is 2+2?"), a("4")], "rejected": [u("What is 2+2?"), a("5")]}
+    multi = {"chosen": [u("a"), a("b"), u("c"), a("d")], "rejected": [u("a"), a("b"), u("c"), a("e")]}
+    same = [{"chosen": [u("q"), a("r")], "rejected": [u("q"), a("r")]}, {"chosen": "Same.", "rejected": "Same."}]
+    rows = [text, h4, multi] + implicit + same  # identical pairs: split as TRL splits them, then dropped
+    explicit = [maybe_extract_prompt(r) | {k: r[k] for k in ("score_chosen", "score_rejected") if k in r}
+                for r in rows]
+    assert "prompt" not in implicit[0] and explicit[1]["prompt"] == [u("What is 2+2?")]
+    assert explicit[2]["prompt"] == [u("a"), a("b"), u("c")]
+    assert explicit[-1] == {"prompt": "Same", "chosen": ".", "rejected": "."}
+    (got, counts), (want, _) = tokenize_pairs(rows, tok), tokenize_pairs(explicit, tok)
+    assert got == want and counts["dropped_identical"] == 2 and len(got) == len(rows) - 2
+    assert got[0].prompt_ids == enc(tok, "The sky is") and got[0].chosen_ids == enc(tok, " blue.<|im_end|>")
 
 
 def test_conversational_explicit_and_implicit_prompt_agree(tok):
@@ -121,14 +275,28 @@ def test_conversational_explicit_and_implicit_prompt_agree(tok):
                                                                                         "Be brief 0.")
 
 
+def test_the_demo_data_is_conversational_and_trains_what_it_did():
+    """demo/*.jsonl are conversational rows; through demo/'s Qwen template they are the ChatML pairs the demo trained
+    on as standard rows before (default system prompt, user turn, reply + <|im_end|>)."""
+    demo = chat.load_tokenizer(ROOT / "demo")
+    rows = data.read_records(ROOT / "demo/train.jsonl")[:50]
+    pairs, _ = tokenize_pairs(rows, demo)
+    for p, r in zip(pairs, rows):
+        assert [m["role"] for m in r["prompt"] + r["chosen"]] == ["user", "assistant"]
+        question = r["prompt"][0]["content"]
+        header = "<|im_start|>assistant\n"
+        assert p.prompt_ids == enc(demo, f"{SYSTEM_BLOCK}<|im_start|>user\n{question}<|im_end|>\n{header}")
+        assert p.chosen_ids == enc(demo, r["chosen"][0]["content"] + "<|im_end|>")
+
+
 # ---------------------------------------------------------------- truncation
 
 def test_truncation_cuts_prompt_left_completion_right_and_counts(tok):
     long_prompt = " ".join(f"word{i}" for i in range(200))
-    rows = [{"prompt": long_prompt, "chosen": "Short answer.", "rejected": "x " * 300},   # prompt + rejected cut
-            {"prompt": "Hi", "chosen": "Same text.", "rejected": "Same text."},          # identical: dropped
-            {"prompt": "Hi", "chosen": "common " * 100 + "A", "rejected": "common " * 100 + "B"},  # identical once cut
-            {"prompt": "Hello", "chosen": "Fine.", "rejected": "Bad."}]                  # untouched
+    rows = [conv_row(long_prompt, "Short answer.", "x " * 300),                  # prompt + rejected cut
+            conv_row("Hi", "Same text.", "Same text."),                          # identical: dropped
+            conv_row("Hi", "common " * 100 + "A", "common " * 100 + "B"),        # identical once cut
+            conv_row("Hello", "Fine.", "Bad.")]                                  # untouched
     short = enc(tok, SYSTEM_BLOCK + "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
     P, L = len(short) + 5, len(short) + 25  # room for the short prompts and their completions, not the long ones
     pairs, counts = tokenize_pairs(rows, tok, max_length=L, max_prompt_length=P)
@@ -145,8 +313,7 @@ def test_truncation_cuts_prompt_left_completion_right_and_counts(tok):
 
 
 def test_pair_with_no_room_for_completion_is_dropped_and_counted(tok):
-    rows = [{"prompt": " ".join(["word"] * 100), "chosen": "A.", "rejected": "B."}, {"prompt": "Hi", "chosen": "A.",
-                                                                                     "rejected": "B."}]
+    rows = [conv_row(" ".join(["word"] * 100), "A.", "B."), conv_row("Hi", "A.", "B.")]
     n_short = len(enc(tok, SYSTEM_BLOCK + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"))
     pairs, counts = tokenize_pairs(rows, tok, max_length=n_short + 1, max_prompt_length=n_short + 1)
     assert [p.row for p in pairs] == [1] and counts["dropped_empty"] == 1 and counts["completions_truncated"] == 2
@@ -160,21 +327,33 @@ def test_invalid_lengths(tok):
 
 # ---------------------------------------------------------------- bad rows
 
-GOOD = {"prompt": "Hi", "chosen": "Hello.", "rejected": "Bye."}
+GOOD = {"prompt": "Hi", "chosen": " Hello.", "rejected": " Bye."}
 BAD_ROWS = {
     "invalid JSON": '{"prompt": "Hi", "chosen": ',
     "blank line": "",
     "missing field 'rejected'": json.dumps({"prompt": "Hi", "chosen": "Hello."}),
     "'chosen' must be a string or a non-empty list": json.dumps({**GOOD, "chosen": 5}),
-    "chosen[0] (assistant): empty text": json.dumps({**GOOD, "chosen": "  "}),
-    "prompt[0] (user): empty text": json.dumps({**GOOD, "prompt": ""}),
-    "chosen[0] must be a message": json.dumps({**GOOD, "chosen": [{"role": "assistant", "text": "x"}]}),
-    "roles out of order (user -> user": json.dumps({**GOOD, "prompt": [u("a"), u("b")]}),
-    "roles out of order (system -> user -> assistant -> user)": json.dumps(
+    "'chosen' is a string (standard format), so 'rejected' and 'prompt' must be strings too": json.dumps(
+        {**GOOD, "prompt": [u("Hi")]}),
+    "'rejected' must be a non-empty list of messages (as 'chosen' is), got str": json.dumps(
+        {"prompt": [u("Hi")], "chosen": [a("x")], "rejected": "y"}),
+    "'chosen': empty text": json.dumps({**GOOD, "chosen": "  "}),
+    "'prompt': empty text": json.dumps({**GOOD, "prompt": ""}),
+    "'prompt': empty text (no common prefix)": json.dumps({"chosen": "Hello.", "rejected": "Bye."}),
+    "chosen[0] (assistant): empty text": json.dumps(conv_row("Hi", " ", "Bye.")),
+    "chosen[0] must be a message": json.dumps({**conv_row("Hi", "x", "y"), "chosen": [{"role": "assistant",
+                                                                                        "text": "x"}]}),
+    "prompt[0]: role 'robot' is not system, user, assistant or tool": json.dumps(
+        {**conv_row("Hi", "x", "y"), "prompt": [{"role": "robot", "content": "x"}]}),
+    "the prompt's last message is 'assistant'; it must be a user or tool message, which": json.dumps(
+        {"prompt": [u("q"), a("r")], "chosen": [a("x")], "rejected": [a("y")]}),
+    "the prompt's last message is 'assistant'; it must be a user or tool message": json.dumps(
         {"chosen": [s("S"), u("q"), a("r"), u("q2")], "rejected": [s("S"), u("q"), a("r"), u("q3")]}),
-    "role 'tool' is not": json.dumps({**GOOD, "prompt": [{"role": "tool", "content": "x"}]}),
-    "differ before their last message": json.dumps({"chosen": [u("a"), a("b")], "rejected": [u("c"), a("d")]}),
-    "no prompt": json.dumps({"chosen": "Hello.", "rejected": "Bye."}),
+    "rejected: the completion after the prompt is assistant -> user -> assistant": json.dumps(
+        {"prompt": [u("q")], "chosen": [a("x")], "rejected": [a("y"), u("more"), a("z")]}),
+    "no prompt": json.dumps({"chosen": [u("a"), a("b")], "rejected": [u("c"), a("d")]}),
+    "'tools' is not valid JSON": json.dumps({**conv_row("Hi", "x", "y"), "tools": "[{"}),
+    "'tools' must be a list of JSON schemas": json.dumps({**conv_row("Hi", "x", "y"), "tools": {"a": 1}}),
     "'score_chosen' must be a number": json.dumps({**GOOD, "score_chosen": "high"}),
     "expected a JSON object, got list": json.dumps([GOOD]),
 }
@@ -221,7 +400,7 @@ def test_json_parquet_and_jsonl_sources_give_the_same_rows(tmp_path):
 
 def test_source_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"tokenizer\.json: not found"):
-        data.load_tokenizer(tmp_path)
+        chat.load_tokenizer(tmp_path)
     with pytest.raises(UserError, match="nope.jsonl"):
         load_rows(str(tmp_path / "nope.jsonl"))
     (tmp_path / "d.csv").write_text("a,b\n")
@@ -330,12 +509,12 @@ def cache_args(tiny_model_dir, tmp_path):
 
 
 def test_cache_equals_policy_logps_through_the_training_path(cache_args, tiny_model_dir, tok):
-    from model import Qwen2
+    from model import CausalLM
     pairs, tensors, meta = ref_cache(**cache_args)
     assert tensors["index"].tolist() == [p.row for p in pairs] and 3 not in tensors["index"].tolist()
     assert tensors["ref_chosen_logps"].dtype == torch.float32 and tensors["index"].dtype == torch.long
     assert meta["n"] == len(pairs) == 13 and meta["counts"]["dropped_identical"] == 1
-    model = Qwen2.from_pretrained(str(tiny_model_dir)).eval()
+    model = CausalLM.from_pretrained(str(tiny_model_dir)).eval()
     for i, p in enumerate(pairs):  # each answer alone after its prompt, unpadded: not the cache's packed batches
         for side in ("chosen", "rejected"):
             ids = torch.tensor([p.prompt_ids + getattr(p, f"{side}_ids")])
@@ -348,7 +527,7 @@ def test_cache_equals_policy_logps_through_the_training_path(cache_args, tiny_mo
 
 
 def test_cache_meta_reuse_and_rebuild_on_mismatch(cache_args, monkeypatch, capsys):
-    from model import Qwen2
+    from model import CausalLM
     out = cache_args["out_dir"]
     pairs, tensors, meta = ref_cache(**{**cache_args, "dtype": "fp16"})  # fp16 on CPU runs as fp32
     on_disk = json.loads((out / "meta.json").read_text())
@@ -361,7 +540,7 @@ def test_cache_meta_reuse_and_rebuild_on_mismatch(cache_args, monkeypatch, capsy
     def no_model(*a, **k):
         raise AssertionError("a matching cache must be reused without loading the model")
     with monkeypatch.context() as m:
-        m.setattr(Qwen2, "from_pretrained", no_model)
+        m.setattr(CausalLM, "from_pretrained", no_model)
         pairs2, tensors2, meta2 = ref_cache(**cache_args)
     assert "reusing" in capsys.readouterr().out
     assert pairs2 == pairs and meta2 == meta and all(torch.equal(tensors[k], tensors2[k]) for k in tensors)

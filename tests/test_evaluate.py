@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import chat
 import evaluate
 import generate
 from model import UserError
@@ -95,8 +96,8 @@ def _hand_logps(model_dir, pairs):
     """S(y) of each pair's chosen and rejected answer, one unpadded sequence at a time through the model."""
     import torch
 
-    from model import Qwen2
-    m = Qwen2.from_pretrained(str(model_dir)).eval()
+    from model import CausalLM
+    m = CausalLM.from_pretrained(str(model_dir)).eval()
     out = []
     with torch.no_grad():
         for p in pairs:
@@ -123,7 +124,7 @@ def _check_metrics(res, r_w, r_l, s):
 def test_prefs_reference_free_by_hand(tiny_model_dir, pref_jsonl, tmp_path):
     """No reference: r(y) = β·S(y)/|y| with β = 2.0 (SimPO's default), S computed by hand per sequence."""
     import data
-    pairs, _ = data.tokenize_pairs(data.load_rows(str(pref_jsonl))[0], data.load_tokenizer(tiny_model_dir), 1024, 256)
+    pairs, _ = data.tokenize_pairs(data.load_rows(str(pref_jsonl))[0], chat.load_tokenizer(tiny_model_dir), 1024, 256)
     s = _hand_logps(tiny_model_dir, pairs)
     lens = np.array([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs])
     res = evaluate.main(["prefs", "--model", str(tiny_model_dir), "--data", str(pref_jsonl),
@@ -139,7 +140,7 @@ def test_prefs_with_reference_by_hand(tiny_model_dir, tokenizer_dir, pref_jsonl,
     import data
     from conftest import make_model_dir
     ref_dir = make_model_dir(tmp_path / "ref", tokenizer_dir=tokenizer_dir, seed=1)
-    pairs, _ = data.tokenize_pairs(data.load_rows(str(pref_jsonl))[0], data.load_tokenizer(tiny_model_dir), 1024, 256)
+    pairs, _ = data.tokenize_pairs(data.load_rows(str(pref_jsonl))[0], chat.load_tokenizer(tiny_model_dir), 1024, 256)
     s, s_ref = _hand_logps(tiny_model_dir, pairs), _hand_logps(ref_dir, pairs)
     argv = ["prefs", "--model", str(tiny_model_dir), "--data", str(pref_jsonl), "--out", str(tmp_path / "m.json")]
     res = evaluate.main(argv + ["--ref-model", str(ref_dir), "--ref-cache", str(tmp_path / "cache")])
@@ -156,7 +157,7 @@ def test_prefs_hinge_loss_active_fraction_by_length(tiny_model_dir, tokenizer_di
     from conftest import make_model_dir, make_pref_rows, write_jsonl
     ref_dir = make_model_dir(tmp_path / "ref", tokenizer_dir=tokenizer_dir, seed=2)
     prefs = write_jsonl(tmp_path / "p.jsonl", make_pref_rows(24, "standard", seed=3))
-    pairs, _ = data.tokenize_pairs(data.load_rows(str(prefs))[0], data.load_tokenizer(tiny_model_dir), 1024, 256)
+    pairs, _ = data.tokenize_pairs(data.load_rows(str(prefs))[0], chat.load_tokenizer(tiny_model_dir), 1024, 256)
     s, s_ref = _hand_logps(tiny_model_dir, pairs), _hand_logps(ref_dir, pairs)
     z = (s[:, 0] - s_ref[:, 0]) - (s[:, 1] - s_ref[:, 1])
     hinge = np.maximum(0, 1 - 3 * z)
@@ -183,8 +184,8 @@ def chatty_model_dir(tiny_model_dir, tmp_path_factory):
     whitespace token (an empty answer after strip), this one emits varied text."""
     import torch
 
-    from model import Qwen2
-    m = Qwen2.from_pretrained(str(tiny_model_dir))
+    from model import CausalLM
+    m = CausalLM.from_pretrained(str(tiny_model_dir))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -226,12 +227,11 @@ def test_generate_alpaca_format_and_batching(chatty_model_dir, tmp_path):
 
 def test_generate_mt_bench_second_turn_sees_first_answer(chatty_model_dir, tmp_path, monkeypatch):
     """FastChat answer JSONL; the turn-2 prompt the model receives contains its own turn-1 answer."""
-    import data
     questions = [{"question_id": 81 + i, "category": c, "turns": [f"First question {c}?", f"Now rewrite it {c}."]}
                  for i, c in enumerate(["writing", "math", "coding"])]
     bench = tmp_path / "question.jsonl"
     bench.write_text("".join(json.dumps(q) + "\n" for q in questions))
-    tok, seen, original = data.load_tokenizer(chatty_model_dir), [], generate.generate_ids
+    tok, seen, original = chat.load_tokenizer(chatty_model_dir), [], generate.generate_ids
 
     def spy(model, prompts, *args, **kw):
         seen.extend(tok.decode(p, skip_special_tokens=False) for p in prompts)
@@ -277,8 +277,7 @@ def test_generate_long_prompt_keeps_its_end(chatty_model_dir, tmp_path):
     120 (counted); the answer is the one to those 120 tokens, not to the first 120. The short one (72) is untouched."""
     import shutil
 
-    import data
-    from model import Qwen2
+    from model import CausalLM
     model_dir = tmp_path / "m"
     shutil.copytree(chatty_model_dir, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -289,8 +288,8 @@ def test_generate_long_prompt_keeps_its_end(chatty_model_dir, tmp_path):
     stats = evaluate.main(["generate", "--model", str(model_dir), "--bench", str(bench), "--out", str(tmp_path / "o"),
                            "--max-new-tokens", "8"])
     assert stats["truncated_prompts"] == 1
-    tok, model = data.load_tokenizer(model_dir), Qwen2.from_pretrained(model_dir)
-    ids = tok.encode(data.render_chatml([{"role": "user", "content": long}], add_generation_prompt=True),
+    tok, model = chat.load_tokenizer(model_dir), CausalLM.from_pretrained(model_dir)
+    ids = tok.encode(tok.render([{"role": "user", "content": long}], add_generation_prompt=True),
                      add_special_tokens=False).ids
     assert len(ids) > 120
     stop_ids = generate.stops(model, tok)[0]
@@ -304,8 +303,7 @@ def test_generate_stop_strings_and_eos_from_generation_config(chatty_model_dir, 
     """generation_config.json's eos_token_id and stop_strings end answers; the text ends before the stop string."""
     import shutil
 
-    import data
-    from model import Qwen2
+    from model import CausalLM
     model_dir = tmp_path / "m"
     shutil.copytree(chatty_model_dir, model_dir)
     bench = tmp_path / "p.jsonl"
@@ -316,9 +314,9 @@ def test_generate_stop_strings_and_eos_from_generation_config(chatty_model_dir, 
     stop = first[len(first) // 2:len(first) // 2 + 3]
     assert len(stop) == 3 and stop.strip() == stop  # the check is not vacuous
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [7], "stop_strings": stop}))
-    tok = data.load_tokenizer(model_dir)
-    im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
-    assert generate.stops(Qwen2.from_pretrained(model_dir), tok) == ((7, im_end, eot), (stop,))
+    tok = chat.load_tokenizer(model_dir)
+    im_end = tok.token_to_id("<|im_end|>")  # Qwen2.5-Instruct's eos_token and the template's end of turn
+    assert generate.stops(CausalLM.from_pretrained(model_dir), tok) == ((7, im_end), (stop,))
     after = evaluate.main(argv + [str(tmp_path / "b")])
     assert json.loads((tmp_path / "b" / "model_outputs.json").read_text())[0]["output"] == first.split(stop)[0].strip()
     assert list(after["stop_strings"]) == [stop] and after["generated_tokens"] < before["generated_tokens"]

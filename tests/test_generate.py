@@ -1,10 +1,16 @@
-"""generate.py, the decoding engine: greedy output equals transformers' generate token for token (stop ids hit at
-different steps, per-request limits, very different prompt lengths, batch sizes 1 and 7), the continuous-batching
-schedule and its memory bound, sampling by inverse CDF and its independence from batch composition, stop strings, and
-a decode step that compiles as one graph with no recompilation (tiny random configs, CPU)."""
+"""generate.py, the decoding engine: greedy output equals transformers' generate token for token for each family of
+conftest.FAMILIES (stop ids hit at different steps, per-request limits, very different prompt lengths, batch sizes 1
+and 7), the continuous-batching schedule and its memory bound, sampling by inverse CDF and its independence from batch
+composition, stop strings, the model's stop ids, and a decode step that compiles as one graph with no recompilation
+(tiny random configs, CPU)."""
+import json
+
 import pytest
 import torch
-from conftest import PAD, hf_model, ours_from
+from conftest import PAD, hf_model, make_model_dir, make_tokenizer_dir, ours_from
+
+import chat
+from model import CausalLM, UserError
 
 import generate
 from generate import generate_ids, sample
@@ -144,6 +150,44 @@ def test_decode_step_compiles_as_one_static_graph(monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = generate_ids(ours, ps, [9, 3, 12, 5, 7, 12, 2, 4, 8, 6], batch_size=3, stop_ids=(), progress=False)
     assert got == want
+
+
+def test_sliding_window_cache_up_to_the_window_exact_beyond_refused():
+    """Mistral with sliding_window=16: a 10-token prompt + 6 new tokens (16 cache slots) equals transformers'
+    generate; one token more would need the window, and is refused with the window named."""
+    hf = hf_model(tied=False, family="mistral", sliding_window=16)
+    ours, p = ours_from(hf), prompts([10], seed=9)[0]
+    assert generate_ids(ours, [p], 6, stop_ids=(), progress=False) == [hf_greedy(hf, p, 6)]
+    with pytest.raises(UserError, match=r"17 tokens is longer than the model's sliding_window \(16"):
+        generate_ids(ours, [p], 7, stop_ids=(), progress=False)
+
+
+def test_stop_ids_follow_the_model(tmp_path):
+    """stops(): generation_config.json's eos_token_id list (Llama 3 Instruct lists <|end_of_text|>, <|eom_id|>,
+    <|eot_id|>), else config.json's eos_token_id, then the tokenizer's eos_token and the end of turn its chat template
+    writes after a reply. A Llama-style base folder (eos <|end_of_text|> everywhere) still stops at the template's
+    <|eot_id|>; no ChatML token is added to a Llama or Mistral folder; a Qwen folder stops at <|im_end|>."""
+    ids = {}
+    for style, model_type in (("llama3", "llama"), ("mistral", "mistral"), ("qwen2", "qwen2")):
+        tok_dir = make_tokenizer_dir(tmp_path / style, style)
+        if style == "llama3":  # a base model's tokenizer: eos <|end_of_text|>; its template still ends turns <|eot_id|>
+            config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+            (tok_dir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|end_of_text|>"}))
+        vocab = chat.load_tokenizer(tok_dir).get_vocab()
+        ids[style] = {t: vocab[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "</s>", "<|im_end|>")
+                      if t in vocab}
+        eos = ids[style].get("<|end_of_text|>", ids[style].get("</s>", ids[style].get("<|im_end|>")))
+        model_dir = make_model_dir(tmp_path / f"{style}-model", tok_dir, model_type=model_type, eos_token_id=eos,
+                                   bos_token_id=None)
+        ids[style]["stops"] = generate.stops(CausalLM.from_pretrained(model_dir), chat.load_tokenizer(model_dir))[0]
+        if style == "llama3":
+            (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [
+                ids[style][t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]}))
+            ids[style]["listed"] = generate.stops(CausalLM.from_pretrained(model_dir), chat.load_tokenizer(model_dir))
+    llama, mistral, qwen = ids["llama3"], ids["mistral"], ids["qwen2"]
+    assert llama["listed"] == ((llama["<|end_of_text|>"], llama["<|eom_id|>"], llama["<|eot_id|>"]), ())
+    assert llama["stops"] == (llama["<|end_of_text|>"], llama["<|eot_id|>"])  # config.json's, the template's
+    assert mistral["stops"] == (mistral["</s>"],) and qwen["stops"] == (qwen["<|im_end|>"],)
 
 
 def test_empty_prompt_and_zero_limit():

@@ -1,6 +1,7 @@
 """packing.py: the packed layout by hand, its attention rule, and exactness: every answer's packed log-prob and its
 gradients equal those of prompt + answer run alone (fp32), against our padded forward and transformers' own, with
-the dense-mask (CPU) and FlexAttention kernels. Tolerance 1e-5 relative: the summed log-probs reach ~140 nats,
+the dense-mask (CPU) and FlexAttention kernels, for each family of conftest.FAMILIES (the `pair` fixture: Qwen2 tied
+and untied, Llama with llama3 RoPE scaling, Mistral with an explicit head_dim). Tolerance 1e-5 relative: the summed log-probs reach ~140 nats,
 where one fp32 ulp is 1.5e-5, and only the summation order differs."""
 import pytest
 import torch

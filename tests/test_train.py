@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chat
 import checkpoint
 import data
 import losses
@@ -262,7 +263,7 @@ def test_curriculum_ramps_only_margin_sigmoid_delta(tmp_path, cache_dir):
 
 def _step(model_dir, pairs, sizes, loss):
     """One train.train_step from a fresh copy of the model, with micro-batches of the given sizes."""
-    model = train.Qwen2.from_pretrained(model_dir).train()
+    model = train.CausalLM.from_pretrained(model_dir).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the gradient: updates compare exactly
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     micro = [packing.pack(pairs[s:s + n], 0, budget=512) for s, n in zip(starts, sizes)]
@@ -276,9 +277,9 @@ def test_train_step_is_one_exact_optimizer_step(tiny_model_dir):
     """train_step on its own: the loss is the mean over the global batch, gradient accumulation over micro-batches
     gives the same update as one batch, the grad norm is the unclipped norm, and a NaN loss skips the step."""
     from conftest import make_pref_rows
-    pairs, _ = data.tokenize_pairs(make_pref_rows(4), data.load_tokenizer(tiny_model_dir), 256, 128)
+    pairs, _ = data.tokenize_pairs(make_pref_rows(4), chat.load_tokenizer(tiny_model_dir), 256, 128)
     loss = functools.partial(losses.compute, "simpo")
-    model = train.Qwen2.from_pretrained(tiny_model_dir).train()
+    model = train.CausalLM.from_pretrained(tiny_model_dir).train()
     score = functools.partial(packing.packed_logps, model)
     want = losses.compute("simpo", data.pair_logps(score, packing.pack(pairs, 0, budget=512)))[0].mean()
     want.backward()
@@ -503,7 +504,7 @@ def test_dry_run_plans_memory_from_the_config_alone(tmp_path, capsys):
     config = 494,032,768; fp32 weights 4P = 1.84 GiB, gradients 1.84, AdamW 8P = 3.68 per device on one process;
     --fsdp over 4 devices divides them by 4 (the weights add one gathered fp16 layer: 2 x 14.9M bytes)."""
     from dataclasses import asdict
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **asdict(train.Qwen2Config())}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **asdict(train.Config())}))
     D, I, V, L, H, kv, hd = 896, 4864, 151936, 24, 14, 2, 64
     layer = D * H * hd + H * hd + 2 * (D * kv * hd + kv * hd) + H * hd * D + 3 * D * I + 2 * D
     P = V * D + L * layer + D  # tied: no separate LM head
