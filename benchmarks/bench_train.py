@@ -13,9 +13,12 @@ answers of ~--answer-words words from a word-level tokenizer (one token per word
 EOS appended to each answer as TRL does. DPO, beta 0.1, AdamW lr 1e-6, clip 1.0, --batch-size pairs per step,
 --epochs passes.
   ours: train.train_step on packing.pack batches (one segment prompt ‖ chosen ‖ rejected per pair), reference
-        log-probs precomputed once (data.score_pairs), AdamW fused, as train.py runs it;
-  trl:  DPOTrainer with its defaults (a reference model beside the policy; 2B padded rows; full logits), and
-        trl-precompute: the same with precompute_ref_log_probs=True (no reference model during training).
+        log-probs precomputed once (data.score_pairs), AdamW fused, as train.py runs it; ours-ckpt: the same with
+        activation checkpointing per decoder layer (train.py --grad-checkpointing);
+  trl:  DPOTrainer with its defaults (a reference model beside the policy; 2B padded rows; full logits; TRL 1.x
+        turns gradient checkpointing on by default), trl-nockpt: the same with gradient_checkpointing=False, and
+        trl-precompute: TRL's defaults with precompute_ref_log_probs=True (no reference model during training).
+  Both take the pairs in file order (TRL with train_sampling_strategy="sequential"), so step k is the same batch.
 Equal work: the first step's mean summed log-prob of the chosen answers must agree (fp32) and DPO's first loss is
 ln 2 in both. Reported: median seconds per step after the first (and the first), the process's peak RSS (VmHWM)
 after step 1 and after the last step (growth = fragmentation or leaks), and the resident set before training.
@@ -48,13 +51,15 @@ import train  # noqa: E402
 from model import CausalLM, Config  # noqa: E402
 
 WORDS = 4000  # word-level vocabulary; the embedding keeps the model's 151,936 rows
+ENGINES = ["ours", "ours-ckpt", "trl", "trl-nockpt", "trl-precompute"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=["trl", "tokens", "attention", "scale"], default="trl", help="(a), (b), "
                    "the CPU attention kernels, or 1 process vs DDP vs FSDP2 on 2 (default: trl)")
-    p.add_argument("--engines", nargs="+", default=["ours", "trl", "trl-precompute"], help="(a): which to run")
+    p.add_argument("--engines", nargs="+", default=["ours", "trl", "trl-precompute"], choices=ENGINES,
+                   help="(a): which to run")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # internal: run one engine in this process
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +111,7 @@ def run_ours(args, folder: Path) -> dict:
     pairs = [data.Pair(ids(r["prompt"]), ids(r["chosen"]) + [1], ids(r["rejected"]) + [1], row=i)
              for i, r in enumerate(json.loads((folder / "pairs.json").read_text()))]
     model = CausalLM.from_pretrained(folder).to(device)
+    model.gradient_checkpointing = args.engine == "ours-ckpt"
     ref = data.score_pairs(model, pairs, 0, args.batch_size, device, args.dtype, budget=2 * args.max_length)
     for p, c, r in zip(pairs, ref["chosen_logps"].tolist(), ref["rejected_logps"].tolist()):
         p.ref_chosen_logps, p.ref_rejected_logps = c, r
@@ -130,7 +136,7 @@ def run_ours(args, folder: Path) -> dict:
             "peak_last": rss("VmHWM")}
 
 
-def run_trl(args, folder: Path, precompute: bool) -> dict:
+def run_trl(args, folder: Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -159,13 +165,33 @@ def run_trl(args, folder: Path, precompute: bool) -> dict:
                     num_train_epochs=args.epochs, learning_rate=1e-6, lr_scheduler_type="constant",
                     max_length=args.max_length, beta=0.1, logging_steps=1, save_strategy="no", report_to=[],
                     use_cpu=args.device == "cpu", fp16=args.dtype == "fp16", bf16=args.dtype == "bf16",
-                    precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=args.seed, max_grad_norm=1.0,
-                    disable_tqdm=True)
+                    precompute_ref_log_probs=args.engine == "trl-precompute", dataloader_num_workers=0,
+                    seed=args.seed, max_grad_norm=1.0, disable_tqdm=True, train_sampling_strategy="sequential",
+                    gradient_checkpointing=args.engine != "trl-nockpt")
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     trainer.train()
     first = next(h for h in trainer.state.log_history if "loss" in h)
     return {"times": times, "first": {"loss": first["loss"], "logps/chosen": first["logps/chosen"]},
             "rss_before": state["rss_before"], "peak_step1": state["peak_step1"], "peak_last": rss("VmHWM")}
+
+
+PEAK_16BIT = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense fp16/bf16 FLOP/s (vendor)
+
+
+def model_flops(args, folder: Path) -> float:
+    """Model FLOPs of one pass over the pairs, non-padding tokens only, forward and backward (3x the forward):
+    per pair 2·N·(p + c + r) for the decoder layers' N matmul weights, 4·H·d per attended (query, key) pair (causal;
+    the answers attend to the prompt, not to each other) and 2·D·V per scored answer token (the LM head)."""
+    c = Config(num_hidden_layers=args.layers)
+    D, I, H, KV, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    n = D * H * hd * 2 + 2 * D * KV * hd + 3 * D * I
+    total = 0.0
+    for r in json.loads((folder / "pairs.json").read_text()):
+        p, a, b = (len(r[k].split()) + (k != "prompt") for k in ("prompt", "chosen", "rejected"))  # EOS appended
+        attended = p * (p + 1) / 2 + sum(x * p + x * (x + 1) / 2 for x in (a, b))
+        total += 2 * n * c.num_hidden_layers * (p + a + b) + 4 * H * hd * c.num_hidden_layers * attended \
+            + 2 * D * c.vocab_size * (a + b)
+    return 3 * total
 
 
 def workload_trl(args) -> dict:
@@ -180,21 +206,30 @@ def workload_trl(args) -> dict:
         if r.returncode:
             raise SystemExit(f"bench_train.py: engine {engine} failed:\n{r.stderr[-3000:]}")
         results[engine] = json.loads(r.stdout.strip().splitlines()[-1])
-    gib, ours = 2.0 ** 30, results.get("ours")
+    gib, steps = 2.0 ** 30, len(next(iter(results.values()))["times"])
+    step = lambda r: statistics.median(r["times"][1:])  # noqa: E731
     print(f"\n(a) {machine(args)}; {args.layers} layers, {args.pairs} pairs, batch {args.batch_size}, {args.epochs} "
-          f"epochs ({len(ours['times']) if ours else '?'} steps), {args.dtype}\n")
+          f"epochs ({steps} steps), {args.dtype}\n")
     print("| engine | first step (s) | median step after it (s) | RSS before training (GiB) | peak RSS after step 1 "
           "(GiB) | after the last step (GiB) | first loss | first logps/chosen |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['times'][0]:.2f} | {statistics.median(r['times'][1:]):.2f} | {r['rss_before'] / gib:.2f} "
               f"| {r['peak_step1'] / gib:.2f} | {r['peak_last'] / gib:.2f} | {r['first']['loss']:.6f} | "
               f"{r['first']['logps/chosen']:.4f} |")
+    per_step = model_flops(args, folder) / -(-args.pairs // args.batch_size)  # mean model FLOPs of one step
+    peak = next((v for k, v in PEAK_16BIT.items() if args.device == "cuda" and k in torch.cuda.get_device_name()), None)
     for name, r in results.items():
-        if ours and name != "ours":
-            print(f"ours / {name}: step time {statistics.median(ours['times'][1:]) / statistics.median(r['times'][1:]):.2f}x, "
-                  f"peak RSS {ours['peak_last'] / r['peak_last']:.2f}x")
-    if ours:
-        print(f"ours: peak RSS after the last step / after step 1 = {ours['peak_last'] / ours['peak_step1']:.3f}")
+        speed = per_step / step(r)
+        print(f"{name}: {args.batch_size / step(r):.3f} pairs/s, {speed / 1e12:.3f} model TFLOP/s"
+              + (f", MFU {speed / peak:.1%} of {peak / 1e12:.0f} TFLOP/s ({args.dtype})" if peak else ""))
+    first = [r["first"]["logps/chosen"] for r in results.values()]
+    print(f"equal work: first logps/chosen spread {(max(first) - min(first)) / abs(min(first)):.1e} relative")
+    for mine in (n for n in results if n.startswith("ours")):
+        for name in (n for n in results if n.startswith("trl")):
+            print(f"{mine} / {name}: step time {step(results[mine]) / step(results[name]):.2f}x, "
+                  f"peak RSS {results[mine]['peak_last'] / results[name]['peak_last']:.2f}x")
+        r = results[mine]
+        print(f"{mine}: peak RSS after the last step / after step 1 = {r['peak_last'] / r['peak_step1']:.3f}")
     return results
 
 
@@ -231,31 +266,36 @@ def workload_tokens(n: int = 8192, batch: int = 8, max_length: int = 1024, max_p
 def workload_attention(args) -> dict:
     """Forward + backward seconds of one packed micro-batch of 8 UF-like pairs, per CPU attention path."""
     torch.manual_seed(0)
-    model = CausalLM(Config(num_hidden_layers=min(args.layers, 4))).train()
+    # real width and heads; a 4,096-word vocabulary, since the LM head's cost is the same for every attention path
+    model = CausalLM(Config(num_hidden_layers=min(args.layers, 4), vocab_size=4096)).train()
     rng = random.Random(1)
     pairs = [data.Pair([3] * rng.randint(50, 250), [4] * rng.randint(100, 500), [5] * rng.randint(100, 500), row=i)
              for i in range(8)]
     largest, res = max(map(packing.size, pairs)), {}
     variants = {f"sdpa, --pack-tokens {b}": (b, False) for b in (largest, 2048, 4096, sum(map(packing.size, pairs)))}
     variants["flex (compiled, CPU), one row"] = (sum(map(packing.size, pairs)), True)
+    print(f"\n(attention) {machine(args)}; 4 layers at real width, 8 pairs, {sum(map(packing.size, pairs))} tokens, "
+          "vocabulary 4,096, mean of 2 runs (flex: after a compiling run)\n\n| path | rows x L | fwd+bwd (s) |\n|---|---|---:|", flush=True)
     for name, (budget, flex) in variants.items():
         batch = packing.pack(pairs, 0, budget)
         fn = lambda: packing.packed_logps(model, *(batch[k] for k in packing.LAYOUT), n_seqs=16,  # noqa: E731
                                           flex=flex).sum().backward()
-        if flex:
+        if flex:  # model.py calls flex_attention eagerly on the CPU (a reference path): compile it here
             import model as model_module
             model_module.flex_attention = torch.compile(model_module.flex_attention, dynamic=False)
-        fn()
+            try:
+                fn()
+            except NotImplementedError as e:  # torch 2.13: "FlexAttention does not support backward on CPU"
+                res[name] = {"error": str(e).split(". ")[0]}
+                print(f"| {name} | - | not run: {res[name]['error']} |", flush=True)
+                continue
         secs = []
-        for _ in range(3):
+        for _ in range(2):  # each row prints as it is measured: the largest budgets take minutes on 2 cores
             t0 = time.perf_counter()
             fn()
             secs.append(time.perf_counter() - t0)
-        res[name] = {"rows": tuple(batch["input_ids"].shape), "seconds": statistics.median(secs)}
-    print(f"\n(attention) {machine(args)}; 4 layers at real width, 8 pairs, {sum(map(packing.size, pairs))} tokens\n\n"
-          "| path | rows x L | fwd+bwd (s) |\n|---|---|---:|")
-    for name, r in res.items():
-        print(f"| {name} | {r['rows'][0]} x {r['rows'][1]} | {r['seconds']:.2f} |")
+        res[name] = {"rows": tuple(batch["input_ids"].shape), "seconds": statistics.mean(secs)}
+        print(f"| {name} | {res[name]['rows'][0]} x {res[name]['rows'][1]} | {res[name]['seconds']:.2f} |", flush=True)
     return res
 
 
@@ -320,7 +360,7 @@ def main(argv=None) -> None:
             print(json.dumps(run_scale_child(args)))
             return
         folder = Path(args.dir)
-        r = run_ours(args, folder) if args.engine == "ours" else run_trl(args, folder, args.engine == "trl-precompute")
+        r = run_ours(args, folder) if args.engine.startswith("ours") else run_trl(args, folder)
         print(json.dumps(r))
         return
     workloads = {"trl": workload_trl, "tokens": lambda a: workload_tokens(), "attention": workload_attention,
