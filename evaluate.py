@@ -27,6 +27,7 @@ import generate
 import judge
 import losses
 import mt_bench
+import refcache
 import report
 from model import UserError
 
@@ -96,7 +97,7 @@ def cmd_prefs(args) -> dict:
         if not (args.ref_model or meta.get("model")):
             raise UserError(f"--ref-cache {args.ref_cache}: no meta.json there naming the reference; add --ref-model")
         ref_model, revision = (args.ref_model, None) if args.ref_model else (meta["model"], meta.get("revision"))
-        pairs, _, meta = data.ref_cache(ref_model, revision, args.data, args.split, max_len, max_prompt,
+        pairs, _, meta = refcache.ref_cache(ref_model, revision, args.data, args.split, max_len, max_prompt,
                                         args.ref_cache or Path(args.out).with_suffix(".ref_cache"),
                                         dtype=meta.get("dtype", args.dtype), batch_size=args.batch_size,
                                         device=next(policy.parameters()).device)
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=None, help="token cap (None: the ref cache's, else 1024)")
     g.add_argument("--max-prompt-length", type=int, default=None, help="prompt cap (None: ref cache's, else 256)")
     g.add_argument("--ref-model", default=None, help="reference model: reward beta*(S-S_ref) (reference-based losses)")
-    g.add_argument("--ref-cache", default=None, help="ref log-prob cache folder (data.ref_cache; built if absent)")
+    g.add_argument("--ref-cache", default=None, help="ref log-prob cache folder (refcache.ref_cache; built if absent)")
     g.add_argument("--loss", default=None, help="losses.py key: its rewards, hyperparameters, loss and extras by "
                    "length quartile (None: dpo with a reference, simpo without)")
     g.add_argument("--beta", type=float, default=None, help="reward scale (None: the loss's paper default)")

@@ -18,7 +18,9 @@ from trl.data_utils import extract_prompt, maybe_extract_prompt
 import chat
 import data
 import packing
-from data import Pair, UserError, load_rows, make_batches, ref_cache, tokenize_pairs
+import refcache
+from data import Pair, UserError, load_rows, make_batches, tokenize_pairs
+from refcache import ref_cache
 
 SYSTEM_BLOCK = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -531,7 +533,7 @@ def test_cache_meta_reuse_and_rebuild_on_mismatch(cache_args, monkeypatch, capsy
     out = cache_args["out_dir"]
     pairs, tensors, meta = ref_cache(**{**cache_args, "dtype": "fp16"})  # fp16 on CPU runs as fp32
     on_disk = json.loads((out / "meta.json").read_text())
-    assert on_disk == meta and meta["dtype"] == "fp32" and meta["format_version"] == data.CACHE_FORMAT
+    assert on_disk == meta and meta["dtype"] == "fp32" and meta["format_version"] == refcache.CACHE_FORMAT
     for key in ("model", "revision", "weights_sha256", "tokenizer_sha256", "data", "data_sha256", "split",
                 "max_length", "max_prompt_length", "template", "counts", "tensors_sha256"):
         assert key in meta, key
@@ -567,7 +569,7 @@ def test_corrupt_cache_is_an_error_with_the_rebuild_command(cache_args, capsys):
         from safetensors.torch import load_file, save_file
         save_file({k: v[:-1].contiguous() for k, v in load_file(out / "ref_logps.safetensors").items()},
                   out / "ref_logps.safetensors")
-        meta = {**json.loads(good_meta), "n": 12, "tensors_sha256": data._sha256([out / "ref_logps.safetensors"])}
+        meta = {**json.loads(good_meta), "n": 12, "tensors_sha256": data.files_sha256([out / "ref_logps.safetensors"])}
         (out / "meta.json").write_text(json.dumps(meta))
     corruptions = {
         "meta.json: JSONDecodeError": lambda: (out / "meta.json").write_text(good_meta[:len(good_meta) // 2]),
@@ -587,7 +589,7 @@ def test_corrupt_cache_is_an_error_with_the_rebuild_command(cache_args, capsys):
         command = msg.split("rebuild it with: ")[1]
         assert command.startswith("python data.py --model ") and command.endswith(" --rebuild")
         argv = __import__("shlex").split(command)[2:]
-        data.main(argv)  # the command in the message rebuilds the cache
+        refcache.main(argv)  # the command in the message rebuilds the cache
         assert (out / "meta.json").read_text() != "" and ref_cache(**cache_args)[2]["n"] == 13
         (out / "ref_logps.safetensors").write_bytes(good_tensors)
         (out / "meta.json").write_text(good_meta)
@@ -603,7 +605,7 @@ def test_interrupted_write_leaves_no_complete_looking_cache(cache_args, monkeypa
             f.write(b"partial")
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(data, "save_file", crash)
+        m.setattr(refcache, "save_file", crash)
         with pytest.raises(KeyboardInterrupt):
             ref_cache(**{**cache_args, "max_length": 50})
     assert sorted(p.name for p in out.iterdir()) == ["ref_logps.safetensors"]  # old tensors, no commit marker
@@ -626,7 +628,7 @@ def test_interrupted_write_leaves_no_complete_looking_cache(cache_args, monkeypa
 
 def test_cli_help_documents_the_precompute(capsys):
     with pytest.raises(SystemExit) as e:
-        data.main(["--help"])
+        refcache.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--revision", "--data", "--split", "--out", "--max-length", "--max-prompt-length",
@@ -645,7 +647,14 @@ def test_model_folder_errors(tmp_path):
 
 
 def test_error_hub_unreachable(monkeypatch, tmp_path):
-    """The real snapshot_download in offline mode with an empty cache: it raises without touching the network."""
+    """The real snapshot_download in offline mode with an empty cache: it raises without touching the network
+    (sockets refuse to connect here, so a download attempt would fail the test with another error)."""
+    import socket
+
+    def no_connect(*args, **kwargs):
+        raise AssertionError("a test tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connect)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=r"'Qwen/Qwen2\.5-0\.5B-Instruct'.*Hub is unreachable.*local") as e:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import chat
 import checkpoint
 import data
+import flags
 import losses
 import packing
 import recipes
@@ -81,7 +82,7 @@ def test_loss_flags_resolve_per_loss():
 
 def test_step0_check_catches_a_wrong_cache(tmp_path, cache_dir, monkeypatch):
     """A cache from other weights must stop training before the first update."""
-    real = train.data.ref_cache
+    real = train.refcache.ref_cache
 
     def shifted(*a, **k):
         pairs, ref, meta = real(*a, **k)
@@ -89,7 +90,7 @@ def test_step0_check_catches_a_wrong_cache(tmp_path, cache_dir, monkeypatch):
             p.ref_chosen_logps -= 5.0
         return pairs, ref, meta
 
-    monkeypatch.setattr(train.data, "ref_cache", shifted)
+    monkeypatch.setattr(train.refcache, "ref_cache", shifted)
     with pytest.raises(UserError, match="step-0 check failed"):
         demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "1", "--eval-split", "")
 
@@ -228,8 +229,8 @@ def test_loss_flags_have_one_meaning_and_help_shows_defaults(capsys):
     """Every loss hyperparameter name has one documented meaning (HPARAMS) and one flag; --help shows a default for
     every flag (per loss for the loss flags); only the chosen loss's hyperparameters survive resolution."""
     names = {n for key in losses.LOSSES for n in losses.defaults(key)}
-    assert names == set(train.HPARAMS)
-    parser = train.build_parser()
+    assert names == set(flags.HPARAMS)
+    parser = flags.build_parser()
     formatter = data.HelpFormatter("train.py")
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
@@ -510,9 +511,9 @@ def test_dry_run_plans_memory_from_the_config_alone(tmp_path, capsys):
     P = V * D + L * layer + D  # tied: no separate LM head
     assert P == 494_032_768
     common = ["--model", str(tmp_path), "--data", "x/y", "--dry-run", "--device", "cuda", "--device-memory", "80"]
-    for flags, shard, extra in (([], 1, 0), (["--fsdp", "--devices", "4", "--dtype", "fp16"], 4, 2 * 2 * layer)):
+    for argv, shard, extra in (([], 1, 0), (["--fsdp", "--devices", "4", "--dtype", "fp16"], 4, 2 * 2 * layer)):
         with pytest.raises(SystemExit) as e:
-            train.get_args(common + flags)
+            train.get_args(common + argv)
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert f"{P / 1e6:,.0f}M parameters" in text
@@ -520,10 +521,10 @@ def test_dry_run_plans_memory_from_the_config_alone(tmp_path, capsys):
         assert f"| gradients | {4 * P / shard / 2 ** 30:.2f} |" in text and f"| adamw | {8 * P / shard / 2 ** 30:.2f} |" in text
         assert "80.0 GiB -> fits" in text
     acts = {}
-    for flags in ([], ["--grad-checkpointing"]):
+    for argv in ([], ["--grad-checkpointing"]):
         with pytest.raises(SystemExit):
-            train.get_args(common[:-1] + ["4", "--batch-size", "16"] + flags)
+            train.get_args(common[:-1] + ["4", "--batch-size", "16"] + argv)
         text = capsys.readouterr().out
-        acts[bool(flags)] = float(text.split("| activations | ")[1].split(" |")[0])
+        acts[bool(argv)] = float(text.split("| activations | ")[1].split(" |")[0])
         assert "does NOT fit" in text
     assert acts[True] < acts[False] / 4  # checkpointing keeps a layer's input, not its insides
