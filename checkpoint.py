@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import cli
 import data
 import distributed
 from model import CausalLM, UserError
@@ -60,7 +61,7 @@ def start(args, out_dir: Path) -> None:
         print(f"{out_dir}: replacing the earlier run in it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data.atomic_write(out_dir / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=1)))
+    cli.atomic_write(out_dir / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=1)))
 
 
 def check_resume(args, out_dir: Path) -> None:
@@ -137,7 +138,7 @@ def save(out_dir: Path, step: int, model, opt, scaler, loss_state: dict, counter
         if final.exists():
             os.replace(final, aside)
         os.replace(tmp, final)
-        data.atomic_write(out_dir / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name,
+        cli.atomic_write(out_dir / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name,
                                                                                   "step": step})))
         _fsync_dir(out_dir)
         for old in out_dir.glob("ckpt-*"):
@@ -247,4 +248,4 @@ def truncate_log(out_dir: Path, step: int) -> None:
     if path.is_file():
         rows = data.read_records(path, strict=False)  # a torn last line of a killed run comes back as an error
         keep = [row for row in rows if isinstance(row, dict) and row.get("step", 0) <= step]
-        data.atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in keep)))
+        cli.atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in keep)))

@@ -34,14 +34,12 @@ ablations), training every pair.
 
 The reference log-prob cache built from these pairs is refcache.py (`python data.py ...` runs its CLI).
 """
-import argparse
 import functools
 import hashlib
 import json
 import os
 import random
 import re
-import sys
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -59,31 +57,6 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 TEMPLATE_ID = "model-template/v2"  # bump when rendering or the prompt/completion split changes: invalidates caches
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, `prog: error: ... (see --help)`, with exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's line breaks and ends each flag's help with its default, unless the help
-    already states it (per-loss defaults)."""
-
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
-def run_cli(main) -> None:
-    """A CLI's entry point: main(); a UserError becomes one line `<script>: error: ...` on stderr and exit status 2
-    (argparse's code for usage errors), with no traceback."""
-    try:
-        main()
-    except UserError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def autocast(device: torch.device, dtype: str):
@@ -462,18 +435,7 @@ def curriculum_batches(pairs: list[Pair], batch_size: int, epoch: int, *, epochs
     return batches
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temp file in the same folder, fsync, then os.replace: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 if __name__ == "__main__":  # `python data.py ...` builds a reference cache (refcache.py)
+    import cli
     import refcache
-    run_cli(refcache.main)
+    cli.run_cli(refcache.main)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import chat
+import cli
 import data
 import generate
 import judge
@@ -226,11 +227,11 @@ def cmd_generate(args) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, about in (("prefs", "held-out preference metrics (TRL names), JSON"),
                         ("generate", "answers for AlpacaEval, MT-Bench or a JSONL of prompts")):
-        sp = sub.add_parser(name, help=about, formatter_class=data.HelpFormatter)
+        sp = sub.add_parser(name, help=about, formatter_class=cli.HelpFormatter)
         g = sp.add_argument_group("model")
         g.add_argument("--model", required=True, help="checkpoint folder or Hub model id")
         g.add_argument("--revision", default=None, help="Hub revision of --model")
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all; MT-Bench: by question_id)")
 
     sp = sub.add_parser("judge", help="AlpacaEval win rates or MT-Bench grades from an OpenAI-compatible judge",
-                        formatter_class=data.HelpFormatter)
+                        formatter_class=cli.HelpFormatter)
     sp.add_argument("--bench", choices=["alpaca_eval", "mt_bench"], default="alpaca_eval", help="the protocol")
     sp.add_argument("--out", default=None, help="folder for the results (None: the folder of --outputs, --answers or "
                     "--annotations)")
@@ -308,11 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--price-output", type=float, default=0.0, help="USD per 1M completion tokens (0 = unknown)")
 
     sp = sub.add_parser("diagnostics", help="log-prob curves, hinge active fraction and margins from metrics.jsonl",
-                        formatter_class=data.HelpFormatter)
+                        formatter_class=cli.HelpFormatter)
     sp.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl) or metrics.jsonl files")
     sp.add_argument("--out", required=True, help="folder for diagnostics.png, .txt and .json")
     sp = sub.add_parser("report", help="one table (markdown, CSV) and plots of several evaluated runs",
-                        formatter_class=data.HelpFormatter)
+                        formatter_class=cli.HelpFormatter)
     sp.add_argument("runs", nargs="+", help="run folders (args.json, metrics.jsonl, prefs.json and the judge results "
                     "evaluate.py wrote into them)")
     sp.add_argument("--out", required=True, help="folder for report.md, report.csv and report.png")
@@ -330,4 +331,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

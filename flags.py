@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import losses
 import plan
@@ -93,7 +94,7 @@ class ListRecipes(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = data.ArgumentParser(description=USAGE, formatter_class=data.HelpFormatter)
+    p = cli.ArgumentParser(description=USAGE, formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("recipes (recipes.py: the papers' settings)")
     g.add_argument("--recipe", choices=sorted(recipes.RECIPES), metavar="NAME", default=None, help="set every value "
                    "of one paper's setting; explicit flags override it. One of: " + ", ".join(sorted(recipes.RECIPES)))

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import cli
 import data
 import winrate
 from model import UserError
@@ -402,7 +403,7 @@ def cmd_judge(args) -> dict:
                                                                               rec.get("completion_tokens", 0))}
                        for it, rec in zip(items, records)]
         out.mkdir(parents=True, exist_ok=True)
-        data.atomic_write(out / "annotations.json", lambda p: p.write_text(json.dumps(annotations, indent=2)))
+        cli.atomic_write(out / "annotations.json", lambda p: p.write_text(json.dumps(annotations, indent=2)))
         res = {"outputs": args.outputs, "reference": args.reference, "judge_model": ep.model,
                "judge_mode": args.judge_mode, "judge_template": template_name, "annotator": annotator,
                "missing_reference": missing, **counts, **winrate.scores(annotations, lc), **ep.usage(records)}
@@ -411,7 +412,7 @@ def cmd_judge(args) -> dict:
             print("judge: rerun to retry failed items; add --retry-malformed to ask again where replies were malformed")
     res = {"bench": "alpaca_eval", **res, "df_gamed": lc}
     out.mkdir(parents=True, exist_ok=True)
-    data.atomic_write(out / "judge_results.json", lambda p: p.write_text(json.dumps(res, indent=2)))
+    cli.atomic_write(out / "judge_results.json", lambda p: p.write_text(json.dumps(res, indent=2)))
     lc = "" if lc is None else f", LC {res['length_controlled_winrate']:.2f} ± {res['lc_standard_error']:.2f}"
     print(f"win rate {res['win_rate']:.2f} ± {res['standard_error']:.2f}{lc} (n={res['n_total']}) -> "
           f"{out / 'judge_results.json'}")

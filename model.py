@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 class UserError(Exception):
-    """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (data.run_cli)."""
+    """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (cli.run_cli)."""
 
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import data
 import judge
 from model import UserError
@@ -192,13 +193,13 @@ def cmd_judge(args) -> dict:
     records = [{k: v for k, v in r.items() if k != "cached"} for r in got if r is not None]
     name = ep.model.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
-    data.atomic_write(out / f"{name}_single.jsonl", lambda p: p.write_text(
+    cli.atomic_write(out / f"{name}_single.jsonl", lambda p: p.write_text(
         "".join(json.dumps(r) + "\n" for r in records)))
     res = {"bench": "mt_bench", "answers": args.answers, "model": model, "judge_model": ep.model,
            "n_questions": len(questions), "n_answered": len(answers), **summary(records, questions),
            "failed": sum(r is None for r in got), "unparsable": sum(r["score"] == -1 for r in records),
            "cached": sum(bool(r and r.get("cached")) for r in got), **ep.usage(records)}
-    data.atomic_write(out / "mt_bench_results.json", lambda p: p.write_text(json.dumps(res, indent=2)))
+    cli.atomic_write(out / "mt_bench_results.json", lambda p: p.write_text(json.dumps(res, indent=2)))
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     print(f"MT-Bench {model}: turn 1 {fmt(res['turn_1'])}, turn 2 {fmt(res['turn_2'])}, mean {fmt(res['mean'])} "
           f"({res['n_valid']} valid of {len(todo)}; {res['failed']} failed, {res['unparsable']} unparsable) -> "

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 import packing
 from chat import load_tokenizer
-from data import (DEFAULT_DATASET, DEFAULT_MODEL, DTYPES, TEMPLATE_ID, ArgumentParser, HelpFormatter, Pair,
-                  atomic_write, files_sha256, load_rows, resolve_model_dir, score_pairs, tokenize_pairs)
+from cli import ArgumentParser, HelpFormatter, atomic_write
+from data import (DEFAULT_DATASET, DEFAULT_MODEL, DTYPES, TEMPLATE_ID, Pair, files_sha256, load_rows,
+                  resolve_model_dir, score_pairs, tokenize_pairs)
 from model import CausalLM, UserError
 
 CACHE_FORMAT = 1

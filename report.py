@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import data
 import losses
 from model import UserError
@@ -292,14 +293,14 @@ def cmd_report(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows)
-    data.atomic_write(out / "report.md", lambda p: p.write_text(text))
+    cli.atomic_write(out / "report.md", lambda p: p.write_text(text))
 
     def write_csv(p):
         with open(p, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows({k: "" if v is None else v for k, v in t.items()} for t in rows)
-    data.atomic_write(out / "report.csv", write_csv)
+    cli.atomic_write(out / "report.csv", write_csv)
     print(text)
     try:
         import matplotlib  # noqa: F401

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import chat
 import checkpoint
+import cli
 import data
 import distributed
 import losses
@@ -407,4 +408,4 @@ def summarize(history: list[dict], out_dir: Path, args) -> None:
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

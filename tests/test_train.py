@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import chat
 import checkpoint
+import cli
 import data
 import flags
 import losses
@@ -231,7 +232,7 @@ def test_loss_flags_have_one_meaning_and_help_shows_defaults(capsys):
     names = {n for key in losses.LOSSES for n in losses.defaults(key)}
     assert names == set(flags.HPARAMS)
     parser = flags.build_parser()
-    formatter = data.HelpFormatter("train.py")
+    formatter = cli.HelpFormatter("train.py")
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert "default" in formatter._get_help_string(action), action.dest
