@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model import CausalLM, UserError, attention_mask_4d
+from cli import UserError
+from model import CausalLM, attention_mask_4d
 
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill call at most (one prompt if longer): bounds its activations
