@@ -16,6 +16,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -147,6 +148,19 @@ class RMSNorm(nn.Module):
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+class KVCache(NamedTuple):
+    """One layer's keys and values in generate.py, [B, n_kv, S, head_dim] each: row b holds one request, its token at
+    position p in slot p; the decoder's mask says which slots a query reads, so unwritten slots must be finite (0)."""
+    keys: Tensor
+    values: Tensor
+
+    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, n_kv, T, head_dim] in place, row b's at its slots[b] [T], and return the whole cache."""
+        at = (torch.arange(len(slots), device=slots.device)[:, None], slice(None), slots)  # selects [B, T, n_kv, :]
+        self.keys[at], self.values[at] = k.transpose(1, 2), v.transpose(1, 2)  # index_put_: in place when compiled
+        return self.keys, self.values
+
+
 class Attention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -157,25 +171,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, slots=None):
+        """Query head h reads kv head h // g, g = n_head / n_kv (GQA, HF's repeat_kv); one kernel call per case below.
+        CUDA's SDPA kernels that take a mask take no grouped heads, so the decode step groups them itself."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # write row b's keys/values at its cache slots[b], attend over the whole cache (masked)
-            at = (torch.arange(B, device=x.device)[:, None], slice(None), slots)  # index_put_: in place when compiled
-            kv[0][at], kv[1][at] = k.transpose(1, 2), v.transpose(1, 2)
-            k, v = kv
-        # Query head h reads kv head h // g (HF's repeat_kv) through enable_gqa; a decode step (one query per row) puts
-        # each kv head's g query heads on the query axis instead: CUDA's masked kernels take no grouped heads.
-        g = self.n_head // self.n_kv if kv is not None and T == 1 else 1
+        if kv_cache is not None:  # generate.py: store these keys/values at their slots, then read the whole cache
+            k, v = kv_cache.update(slots, k, v)
         if isinstance(mask, BlockMask):  # packed pairs (packing.py): FlexAttention skips blocks with nothing allowed
             flex = _flex_compiled() if x.is_cuda else flex_attention  # eager: a slow reference, for the CPU tests
-            y = flex(q, k, v, block_mask=mask, enable_gqa=self.n_kv != self.n_head)
-        else:
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_head // g, g * T, -1), k, v, attn_mask=mask,
-                                               is_causal=mask is None and T > 1, enable_gqa=g * self.n_kv < self.n_head)
+            y = flex(q, k, v, block_mask=mask, enable_gqa=self.n_kv < self.n_head)
+        elif kv_cache is not None and T == 1:  # decode step: kv head j's g query heads as g queries [B, n_kv, g, hd]
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+        else:  # training, scoring, prefill: mask [B, 1, T, S] bool (True = may attend), None = causal
+            y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv < self.n_head)
         return self.o_proj(y.reshape(B, self.n_head, T, -1).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -197,8 +210,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None, slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
+    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -219,10 +232,10 @@ class CausalLM(nn.Module):
         self.source_dir = None  # the folder loaded from: save_pretrained copies its tokenizer files
 
     def decoder(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None = None,
-                kv_cache: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                kv_cache: list[KVCache] | None = None) -> Tensor:
         """Final-normed hidden states [B, T, D] of input_ids [B, T] at position_ids [B, T]. mask: [B, 1, T, S] bool
-        (True = may attend) or None for causal. kv_cache (generate.py): per layer (keys, values), [B, n_kv, S, head_dim]
-        each, 0 where unwritten; a token's keys/values go to slot = its position id, the mask picks the slots read.
+        (True = may attend) or None for causal. kv_cache (generate.py): one KVCache per layer, S slots; a token's keys
+        and values go to slot = its position id, and the mask picks the slots read.
         Sliding-window attention is not implemented: a row (or cache) longer than config.sliding_window is refused."""
         span, window = input_ids.shape[1] if kv_cache is None else kv_cache[0][0].shape[2], self.config.sliding_window
         if window is not None and span > window:  # up to `window` tokens, causal attention is the same thing
@@ -284,9 +297,8 @@ class CausalLM(nn.Module):
                             f"weights are never loaded; convert them to safetensors first)")
         with torch.device("meta"):
             model = cls(config)
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            shapes.pop("lm_head.weight")
+        shapes = {k: v.shape for k, v in model.state_dict().items()
+                  if not (k == "lm_head.weight" and config.tie_word_embeddings)}
         if missing := sorted(set(shapes) - set(key_file)):
             raise UserError(f"{index if index.is_file() else single}: missing weights {missing[:8]} ({len(missing)})")
         if unexpected := sorted(set(key_file) - set(shapes) - {"lm_head.weight"}):
@@ -320,7 +332,6 @@ class CausalLM(nn.Module):
             src = Path(self.source_dir) / name
             if src.is_file() and src.resolve() != (out / name).resolve():
                 shutil.copyfile(src, out / name)
-
 
 
 def _load_safetensors(file: Path, keys: list[str], shapes: dict, dtype) -> dict[str, Tensor]:
