@@ -21,7 +21,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -29,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cli import UserError
 from logprobs import token_logps
+from weights import read_weights
 
 _flex_compiled = functools.cache(lambda: torch.compile(flex_attention, dynamic=False))  # built on first CUDA use
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -279,40 +279,24 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32) -> "CausalLM":
-        """A local folder's config.json + model.safetensors (or model.safetensors.index.json's shards), strictly: a
-        missing/unexpected key or a wrong shape is a UserError naming it. Tied embeddings: lm_head.weight absent, or
-        equal to the embedding. Nothing is unpickled. (data.load_model downloads Hub ids first.)"""
+        """A local folder's config.json + model.safetensors (or model.safetensors.index.json's shards), strictly
+        (weights.py): a missing/unexpected key or a wrong shape is a UserError naming it. Tied embeddings:
+        lm_head.weight absent, or equal to the embedding. Nothing is unpickled. (data.load_model fetches Hub ids.)"""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder}: not a model folder (no config.json)")
-        config = Config.from_json(folder / "config.json")
-        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
-        if index.is_file():
-            key_file = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        elif single.is_file():
-            with _open_safetensors(single) as f:
-                key_file = dict.fromkeys(f.keys(), single)
-        else:
-            raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json (pickled .bin "
-                            f"weights are never loaded; convert them to safetensors first)")
         with torch.device("meta"):
-            model = cls(config)
-        shapes = {k: v.shape for k, v in model.state_dict().items()
-                  if not (k == "lm_head.weight" and config.tie_word_embeddings)}
-        if missing := sorted(set(shapes) - set(key_file)):
-            raise UserError(f"{index if index.is_file() else single}: missing weights {missing[:8]} ({len(missing)})")
-        if unexpected := sorted(set(key_file) - set(shapes) - {"lm_head.weight"}):
-            raise UserError(f"{key_file[unexpected[0]]}: unexpected weights {unexpected[:8]}")
-        sd = {}
-        for file in sorted(set(key_file.values())):
-            sd.update(_load_safetensors(file, [k for k, f in key_file.items() if f == file], shapes, dtype))
-        if config.tie_word_embeddings:
+            model = cls(Config.from_json(folder / "config.json"))
+        tied = model.config.tie_word_embeddings
+        shapes = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        sd, key_file = read_weights(folder, shapes, dtype, optional="lm_head.weight")
+        if tied:
             if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
                 raise UserError(f"{key_file['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight"
                                 f" but config.json says tie_word_embeddings=true; set it to false to load untied")
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
-        if config.tie_word_embeddings:  # assign=True gave lm_head its own Parameter object: share it again
+        if tied:  # assign=True gave lm_head its own Parameter object: share it again
             model.lm_head.weight = model.model.embed_tokens.weight
         model.source_dir = folder
         return model.eval()  # like transformers; training code calls .train()
@@ -333,26 +317,3 @@ class CausalLM(nn.Module):
             if src.is_file() and src.resolve() != (out / name).resolve():
                 shutil.copyfile(src, out / name)
 
-
-def _load_safetensors(file: Path, keys: list[str], shapes: dict, dtype) -> dict[str, Tensor]:
-    """The tensors `keys` of one safetensors file, shape-checked against `shapes` before they are read."""
-    out = {}
-    with _open_safetensors(file) as f:
-        if absent := sorted(set(keys) - set(f.keys())):
-            raise UserError(f"{file}: missing weights {absent[:8]} (listed in model.safetensors.index.json)")
-        for k in keys:
-            shape = f.get_slice(k).get_shape()
-            if k in shapes and list(shapes[k]) != list(shape):
-                raise UserError(f"{file}: {k} has shape {list(shape)}, the config implies {list(shapes[k])}")
-            out[k] = f.get_tensor(k).to(dtype)
-    return out
-
-
-def _open_safetensors(file: Path):
-    """safe_open, with a missing shard or a truncated / foreign file as a UserError naming it."""
-    if not file.is_file():
-        raise UserError(f"{file}: no such file (listed in model.safetensors.index.json)")
-    try:
-        return safe_open(file, "pt")
-    except SafetensorError as e:
-        raise UserError(f"{file}: not a readable safetensors file ({e}); download or save it again") from None
