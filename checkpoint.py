@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 import cli
 import data
 import distributed
-from model import CausalLM, UserError
+from cli import UserError
+from model import CausalLM
 
 # Arguments that do not change what is trained: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "overwrite", "out_dir", "device", "compile", "grad_checkpointing", "logps_chunk_size",

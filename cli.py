@@ -1,11 +1,13 @@
-"""What every command line here shares: argparse whose errors are one line, --help with defaults, the entry point
-that turns a UserError into one line and exit status 2, and atomic_write for the files the commands write."""
+"""What every command line here shares: UserError, argparse whose errors are one line, --help with defaults, the entry
+point that turns a UserError into one line and exit status 2, and atomic_write for the files the commands write."""
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from model import UserError
+
+class UserError(Exception):
+    """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (run_cli)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 import packing
 from chat import ChatTokenizer
-from model import TOKENIZER_FILES, CausalLM, UserError
+from cli import UserError
+from model import TOKENIZER_FILES, CausalLM
 
 DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"

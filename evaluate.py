@@ -30,7 +30,7 @@ import losses
 import mt_bench
 import refcache
 import report
-from model import UserError
+from cli import UserError
 
 
 def length_stats(values) -> dict:

@@ -16,7 +16,7 @@ import losses
 import plan
 import recipes
 import tracking
-from model import UserError
+from cli import UserError
 
 USAGE = """Preference fine-tuning of Qwen2.5-0.5B-Instruct with any loss of losses.LOSSES: the bare fp16 AMP loop.
 

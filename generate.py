@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model import CausalLM, UserError, attention_mask_4d
+from cli import UserError
+from model import CausalLM, KVCache, attention_mask_4d
 
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill call at most (one prompt if longer): bounds its activations
@@ -58,7 +59,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.lm_head.weight.dtype
     B, S = min(batch_size, len(waiting)), max(len(prompts[i]) + limits[i] for i in waiting)
     shape = (B, c.num_key_value_heads, S, c.head_dim)  # zeros: a masked slot must be finite (0 * NaN is NaN)
-    cache = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+    cache = [KVCache(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
              for _ in model.model.layers]
     step = static_step(model, cache, compile, dev.type == "cuda" if cuda_graph is None else cuda_graph)
     req, pos, last = [None] * B, [0] * B, [0] * B  # per row: its request (None: free), next slot, token to feed
@@ -106,7 +107,7 @@ def prefill(model: CausalLM, cache: list[tuple[Tensor, Tensor]], prompts: list[l
     valid = slots < lens[:, None]
     mask = None if valid.all() else attention_mask_4d(valid, slots[0])
     shape = (k, cache[0][0].shape[1], T, cache[0][0].shape[3])  # every slot is written before it is read
-    scratch = [(x.new_empty(shape), x.new_empty(shape)) for x, _ in cache]
+    scratch = [KVCache(x.new_empty(shape), x.new_empty(shape)) for x, _ in cache]
     h = model.decoder(ids, slots, mask, scratch)
     for (keys, values), (k_new, v_new) in zip(cache, scratch):
         keys[rows, :, :T], values[rows, :, :T] = k_new, v_new

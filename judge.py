@@ -43,7 +43,7 @@ from tqdm import tqdm
 import cli
 import data
 import winrate
-from model import UserError
+from cli import UserError
 
 # Our own judge prompt (ChatML, alpaca_eval's template format); --judge-template replaces it with an official one.
 BUILTIN_TEMPLATE = """<|im_start|>system

@@ -16,27 +16,23 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from cli import UserError
 from logprobs import token_logps
+from weights import read_weights
 
 _flex_compiled = functools.cache(lambda: torch.compile(flex_attention, dynamic=False))  # built on first CUDA use
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
-
-
-class UserError(Exception):
-    """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (cli.run_cli)."""
-
-
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -152,6 +148,19 @@ class RMSNorm(nn.Module):
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+class KVCache(NamedTuple):
+    """One layer's keys and values in generate.py, [B, n_kv, S, head_dim] each: row b holds one request, its token at
+    position p in slot p; the decoder's mask says which slots a query reads, so unwritten slots must be finite (0)."""
+    keys: Tensor
+    values: Tensor
+
+    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, n_kv, T, head_dim] in place, row b's at its slots[b] [T], and return the whole cache."""
+        at = (torch.arange(len(slots), device=slots.device)[:, None], slice(None), slots)  # selects [B, T, n_kv, :]
+        self.keys[at], self.values[at] = k.transpose(1, 2), v.transpose(1, 2)  # index_put_: in place when compiled
+        return self.keys, self.values
+
+
 class Attention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -162,25 +171,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, slots=None):
+        """Query head h reads kv head h // g, g = n_head / n_kv (GQA, HF's repeat_kv); one kernel call per case below.
+        CUDA's SDPA kernels that take a mask take no grouped heads, so the decode step groups them itself."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # write row b's keys/values at its cache slots[b], attend over the whole cache (masked)
-            at = (torch.arange(B, device=x.device)[:, None], slice(None), slots)  # index_put_: in place when compiled
-            kv[0][at], kv[1][at] = k.transpose(1, 2), v.transpose(1, 2)
-            k, v = kv
-        # Query head h reads kv head h // g (HF's repeat_kv) through enable_gqa; a decode step (one query per row) puts
-        # each kv head's g query heads on the query axis instead: CUDA's masked kernels take no grouped heads.
-        g = self.n_head // self.n_kv if kv is not None and T == 1 else 1
+        if kv_cache is not None:  # generate.py: store these keys/values at their slots, then read the whole cache
+            k, v = kv_cache.update(slots, k, v)
         if isinstance(mask, BlockMask):  # packed pairs (packing.py): FlexAttention skips blocks with nothing allowed
             flex = _flex_compiled() if x.is_cuda else flex_attention  # eager: a slow reference, for the CPU tests
-            y = flex(q, k, v, block_mask=mask, enable_gqa=self.n_kv != self.n_head)
-        else:
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_head // g, g * T, -1), k, v, attn_mask=mask,
-                                               is_causal=mask is None and T > 1, enable_gqa=g * self.n_kv < self.n_head)
+            y = flex(q, k, v, block_mask=mask, enable_gqa=self.n_kv < self.n_head)
+        elif kv_cache is not None and T == 1:  # decode step: kv head j's g query heads as g queries [B, n_kv, g, hd]
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+        else:  # training, scoring, prefill: mask [B, 1, T, S] bool (True = may attend), None = causal
+            y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv < self.n_head)
         return self.o_proj(y.reshape(B, self.n_head, T, -1).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -202,8 +210,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None, slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
+    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -224,10 +232,10 @@ class CausalLM(nn.Module):
         self.source_dir = None  # the folder loaded from: save_pretrained copies its tokenizer files
 
     def decoder(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None = None,
-                kv_cache: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                kv_cache: list[KVCache] | None = None) -> Tensor:
         """Final-normed hidden states [B, T, D] of input_ids [B, T] at position_ids [B, T]. mask: [B, 1, T, S] bool
-        (True = may attend) or None for causal. kv_cache (generate.py): per layer (keys, values), [B, n_kv, S, head_dim]
-        each, 0 where unwritten; a token's keys/values go to slot = its position id, the mask picks the slots read.
+        (True = may attend) or None for causal. kv_cache (generate.py): one KVCache per layer, S slots; a token's keys
+        and values go to slot = its position id, and the mask picks the slots read.
         Sliding-window attention is not implemented: a row (or cache) longer than config.sliding_window is refused."""
         span, window = input_ids.shape[1] if kv_cache is None else kv_cache[0][0].shape[2], self.config.sliding_window
         if window is not None and span > window:  # up to `window` tokens, causal attention is the same thing
@@ -271,41 +279,24 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32) -> "CausalLM":
-        """A local folder's config.json + model.safetensors (or model.safetensors.index.json's shards), strictly: a
-        missing/unexpected key or a wrong shape is a UserError naming it. Tied embeddings: lm_head.weight absent, or
-        equal to the embedding. Nothing is unpickled. (data.load_model downloads Hub ids first.)"""
+        """A local folder's config.json + model.safetensors (or model.safetensors.index.json's shards), strictly
+        (weights.py): a missing/unexpected key or a wrong shape is a UserError naming it. Tied embeddings:
+        lm_head.weight absent, or equal to the embedding. Nothing is unpickled. (data.load_model fetches Hub ids.)"""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder}: not a model folder (no config.json)")
-        config = Config.from_json(folder / "config.json")
-        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
-        if index.is_file():
-            key_file = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        elif single.is_file():
-            with _open_safetensors(single) as f:
-                key_file = dict.fromkeys(f.keys(), single)
-        else:
-            raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json (pickled .bin "
-                            f"weights are never loaded; convert them to safetensors first)")
         with torch.device("meta"):
-            model = cls(config)
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            shapes.pop("lm_head.weight")
-        if missing := sorted(set(shapes) - set(key_file)):
-            raise UserError(f"{index if index.is_file() else single}: missing weights {missing[:8]} ({len(missing)})")
-        if unexpected := sorted(set(key_file) - set(shapes) - {"lm_head.weight"}):
-            raise UserError(f"{key_file[unexpected[0]]}: unexpected weights {unexpected[:8]}")
-        sd = {}
-        for file in sorted(set(key_file.values())):
-            sd.update(_load_safetensors(file, [k for k, f in key_file.items() if f == file], shapes, dtype))
-        if config.tie_word_embeddings:
+            model = cls(Config.from_json(folder / "config.json"))
+        tied = model.config.tie_word_embeddings
+        shapes = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        sd, key_file = read_weights(folder, shapes, dtype, optional="lm_head.weight")
+        if tied:
             if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
                 raise UserError(f"{key_file['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight"
                                 f" but config.json says tie_word_embeddings=true; set it to false to load untied")
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
-        if config.tie_word_embeddings:  # assign=True gave lm_head its own Parameter object: share it again
+        if tied:  # assign=True gave lm_head its own Parameter object: share it again
             model.lm_head.weight = model.model.embed_tokens.weight
         model.source_dir = folder
         return model.eval()  # like transformers; training code calls .train()
@@ -326,27 +317,3 @@ class CausalLM(nn.Module):
             if src.is_file() and src.resolve() != (out / name).resolve():
                 shutil.copyfile(src, out / name)
 
-
-
-def _load_safetensors(file: Path, keys: list[str], shapes: dict, dtype) -> dict[str, Tensor]:
-    """The tensors `keys` of one safetensors file, shape-checked against `shapes` before they are read."""
-    out = {}
-    with _open_safetensors(file) as f:
-        if absent := sorted(set(keys) - set(f.keys())):
-            raise UserError(f"{file}: missing weights {absent[:8]} (listed in model.safetensors.index.json)")
-        for k in keys:
-            shape = f.get_slice(k).get_shape()
-            if k in shapes and list(shapes[k]) != list(shape):
-                raise UserError(f"{file}: {k} has shape {list(shape)}, the config implies {list(shapes[k])}")
-            out[k] = f.get_tensor(k).to(dtype)
-    return out
-
-
-def _open_safetensors(file: Path):
-    """safe_open, with a missing shard or a truncated / foreign file as a UserError naming it."""
-    if not file.is_file():
-        raise UserError(f"{file}: no such file (listed in model.safetensors.index.json)")
-    try:
-        return safe_open(file, "pt")
-    except SafetensorError as e:
-        raise UserError(f"{file}: not a readable safetensors file ({e}); download or save it again") from None

@@ -29,7 +29,7 @@ import numpy as np
 import cli
 import data
 import judge
-from model import UserError
+from cli import UserError
 
 NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")  # graded against a reference answer
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,

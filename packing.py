@@ -17,8 +17,9 @@ the mask's rows x L² (BENCHMARKS.md has the measurements behind the default).
 import torch
 from torch import Tensor
 
+from cli import UserError
 from logprobs import token_logps
-from model import CausalLM, UserError
+from model import CausalLM
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branch ids: a rejected token may see prompt tokens and rejected tokens
 LAYOUT = ("input_ids", "position_ids", "segment", "branch", "predict", "target", "owner")

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import data
-from model import CausalLM, Config, UserError
+from cli import UserError
+from model import CausalLM, Config
 
 ACT_D = {4: 37.5, 2: 34.9}  # bytes per hidden unit and token a decoder layer keeps, by compute-dtype size (fp32, 16-bit)
 GIB = 2.0 ** 30

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 import packing
 from chat import load_tokenizer
-from cli import ArgumentParser, HelpFormatter, atomic_write
+from cli import ArgumentParser, HelpFormatter, UserError, atomic_write
 from data import (DEFAULT_DATASET, DEFAULT_MODEL, DTYPES, TEMPLATE_ID, Pair, files_sha256, load_rows,
                   resolve_model_dir, score_pairs, tokenize_pairs)
-from model import CausalLM, UserError
+from model import CausalLM
 
 CACHE_FORMAT = 1
 CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha256", "max_length",

@@ -19,7 +19,7 @@ import numpy as np
 import cli
 import data
 import losses
-from model import UserError
+from cli import UserError
 
 
 def normalise(row: dict) -> dict:

@@ -24,8 +24,9 @@ import packing
 import recipes
 import refcache
 import tracking
+from cli import UserError
 from flags import HERE, get_args, mixdpo_settings
-from model import CausalLM, Config, UserError
+from model import CausalLM, Config
 
 
 def get_lr(step: int, total: int, args) -> float:

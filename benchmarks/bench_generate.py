@@ -40,7 +40,8 @@ import chat  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
-from model import CausalLM, Config, UserError  # noqa: E402
+from cli import UserError  # noqa: E402
+from model import CausalLM, Config  # noqa: E402
 
 CONFIGS = {  # "real" = Qwen2.5-0.5B-Instruct's shape (the dataclass defaults)
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,

@@ -19,7 +19,8 @@ import chat
 import data
 import packing
 import refcache
-from data import Pair, UserError, load_rows, make_batches, tokenize_pairs
+from cli import UserError
+from data import Pair, load_rows, make_batches, tokenize_pairs
 from refcache import ref_cache
 
 SYSTEM_BLOCK = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"

@@ -10,7 +10,7 @@ import pytest
 import chat
 import evaluate
 import generate
-from model import UserError
+from cli import UserError
 from test_judge import server  # noqa: F401  (fixture: the fake OpenAI endpoint on 127.0.0.1)
 
 

@@ -10,7 +10,8 @@ import torch
 from conftest import PAD, hf_model, make_model_dir, make_tokenizer_dir, ours_from
 
 import chat
-from model import CausalLM, UserError
+from cli import UserError
+from model import CausalLM
 
 import generate
 from generate import generate_ids, sample

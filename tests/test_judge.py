@@ -19,7 +19,7 @@ import evaluate
 import judge
 import mt_bench
 import winrate
-from model import UserError
+from cli import UserError
 
 
 # ----------------------------------------------------------------------------- a fake OpenAI endpoint

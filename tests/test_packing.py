@@ -9,7 +9,7 @@ import torch
 
 import packing
 from data import Pair
-from model import UserError
+from cli import UserError
 
 
 

@@ -21,7 +21,7 @@ import losses
 import packing
 import recipes
 import train
-from model import UserError
+from cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
