@@ -8,7 +8,6 @@ endpoint, never its key. train.py's rank 0 writes RUN/provenance.json = {"start"
 starts; a --resume appends {"step", "created", "changed": {field: [at start, now]}} and leaves "start" as it is,
 warning on stderr when the code differs. evaluate.py prefs/generate/judge add "provenance" to the JSON they write.
 """
-import collections
 import hashlib
 import importlib.metadata
 import json
@@ -100,7 +99,7 @@ def judge_entry(model: str | None, url: str | None) -> dict:
 
 def record(*, model_dir=None, data_sources=(), device=None, world_size: int = 1, dtype=None, recipe=None,
            judge: dict | None = None, skip=None) -> dict:
-    """This process's provenance; data_sources = [(source, split or None), ...] (None entries skipped)."""
+    """This process's provenance; data_sources = [(source, split or None), ...], empty sources left out."""
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code": code_state(skip=skip),
             **environment(device), "world_size": world_size, "dtype": dtype, "recipe": recipe,
             "model": {"path": str(model_dir), **refcache.model_sha256(Path(model_dir))} if model_dir else None,
@@ -113,26 +112,23 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def write_run(out_dir: Path, args, model_dir: Path, device, world: int, resumed_step: int | None) -> None:
-    """Rank 0: RUN/provenance.json's "start" for a fresh run (resumed_step None), else one more "resumes" entry."""
+    """Rank 0: RUN/provenance.json's "start" for a fresh run (resumed_step None), else one more "resumes" entry: what
+    changed since the start, or the whole record for a run started before provenance was recorded."""
     path = Path(out_dir) / "provenance.json"
-    now = record(model_dir=model_dir, data_sources=[(args.data, args.split)] + [(args.eval_data, args.eval_split)]
-                 * bool(args.eval_split), device=device, world_size=world, dtype=args.dtype, recipe=args.recipe,
-                 skip=out_dir)
+    now = record(model_dir=model_dir, data_sources=[(args.data, args.split), (args.eval_split and args.eval_data,
+                 args.eval_split)], device=device, world_size=world, dtype=args.dtype, recipe=args.recipe, skip=out_dir)
     doc = {"start": now, "resumes": []}
     if resumed_step is not None:
-        doc = read_doc(path) if path.is_file() else {"start": None, "resumes": []}  # None: started before this
-        start, flat = doc["start"], _flat(now)
-        if start is None:
-            doc["resumes"].append({"step": resumed_step, "created": now["created"], "record": now})
-        else:
-            old = _flat(start)
-            changed = {k: [old.get(k), flat.get(k)] for k in sorted(old.keys() | flat.keys())
-                       if k != "created" and old.get(k) != flat.get(k)}
-            doc["resumes"].append({"step": resumed_step, "created": now["created"], "changed": changed})
-            if {"code.commit", "code.diff_sha256"} & set(changed):
-                print(f"{Path(sys.argv[0]).name}: warning: --resume: the run started with the code at "
-                      f"{describe(start['code'])}, it is now at {describe(now['code'])}; its steps come from both "
-                      f"(provenance.json)", file=sys.stderr)
+        doc = read_doc(path) if path.is_file() else {"start": None, "resumes": []}
+        old, new = _flat(doc["start"] or {}), _flat(now)
+        changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
+                   if k != "created" and old.get(k) != new.get(k)}
+        doc["resumes"].append({"step": resumed_step, "created": now["created"],
+                               **({"changed": changed} if doc["start"] else {"record": now})})
+        if doc["start"] and {"code.commit", "code.diff_sha256"} & changed.keys():
+            print(f"{Path(sys.argv[0]).name}: warning: --resume: the run started with the code at "
+                  f"{describe(doc['start']['code'])}, it is now at {describe(now['code'])}: its steps come from both "
+                  f"(see {path})", file=sys.stderr)
     cli.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
 
 
@@ -141,9 +137,9 @@ def read_doc(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (ValueError, OSError) as e:
-        raise UserError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away to resume without it") from None
+        doc = f"{type(e).__name__}: {e}"
     if not (isinstance(doc, dict) and isinstance(doc.get("resumes"), list) and "start" in doc):
-        raise UserError(f"{path}: not a provenance record (no start/resumes); move it away to resume without it")
+        raise UserError(f"{path}: not a provenance record ({str(doc)[:80]}); move it away to go on without it")
     return doc
 
 
@@ -171,7 +167,7 @@ def commit_cells(rows: list[dict]) -> tuple[list[str], str]:
     """Each report row's commit cell ({"commit", "dirty"} of run_code) and the note under the table: ≠ marks a row
     whose commit is not the one most rows have, +dirty one that ran with uncommitted changes."""
     known = [r["commit"] for r in rows if r["commit"]]
-    common = collections.Counter(known).most_common(1)[0][0] if known else None
+    common = max(known, key=known.count) if known else None
     cells = [(r["commit"] or "–") + "+dirty" * bool(r["dirty"]) + " ≠" * bool(r["commit"] and r["commit"] != common)
              for r in rows]
     note = ("Commit: the code's git commit when the run trained (its provenance.json; a→b: resumed with other code; "

@@ -13,6 +13,7 @@ import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -80,7 +81,7 @@ def test_a_run_records_its_commit_and_a_resume_appends_what_changed(tmp_path, ca
     assert start["code"]["commit"] == first and start["code"]["dirty"] is False
     assert start["code"]["diff_sha256"] is None and start["code"]["untracked"] == 0
     assert Path(start["code"]["checkout"]).resolve() == code.resolve()
-    assert start["packages"]["torch"] == torch.__version__ and start["packages"]["numpy"] == __import__("numpy").__version__
+    assert start["packages"]["torch"] == torch.__version__ and start["packages"]["numpy"] == numpy.__version__
     assert start["python"] == ".".join(map(str, sys.version_info[:3]))
     assert (start["world_size"], start["dtype"], start["recipe"]) == (1, "fp32", None)
     assert start["device"]["type"] == "cpu" and start["device"]["count"] == 1
@@ -90,7 +91,8 @@ def test_a_run_records_its_commit_and_a_resume_appends_what_changed(tmp_path, ca
     assert start["model"]["weights_sha256"] == meta["weights_sha256"]  # the reference cache's own field
     assert start["model"]["tokenizer_sha256"] == meta["tokenizer_sha256"]
     assert start["data"] == [{"source": str(code / "demo/train.jsonl"), "split": "train",
-                              "sha256": sha256(code / "demo/train.jsonl")}] and meta["data_sha256"] == start["data"][0]["sha256"]
+                              "sha256": sha256(code / "demo/train.jsonl")}]
+    assert meta["data_sha256"] == start["data"][0]["sha256"]
 
     (code / "losses.py").write_text((code / "losses.py").read_text() + "\n# a change between start and resume\n")
     second = commit_all(code, "two")
@@ -232,3 +234,21 @@ def test_a_judge_records_its_model_and_endpoint_not_the_key(tmp_path, monkeypatc
     assert [d["sha256"] for d in got["data"]] == [sha256(outs), sha256(refs)]
     assert provenance.judge_entry("m", "https://user:pw@host.example:8443/v1?key=abc#x") == {
         "model": "m", "url": "https://host.example:8443/v1"}
+
+
+def test_resuming_a_run_from_before_provenance_records_it_whole_and_a_bad_record_is_named(tiny_model_dir,
+                                                                                           pref_jsonl, tmp_path):
+    from types import SimpleNamespace
+    args = SimpleNamespace(data=str(pref_jsonl), split="train", eval_data=None, eval_split="", dtype="bf16",
+                           recipe="yao-dpo")
+    run = tmp_path / "run"
+    run.mkdir()
+    provenance.write_run(run, args, tiny_model_dir, "cpu", 1, resumed_step=7)
+    doc = json.loads((run / "provenance.json").read_text())
+    [entry] = doc["resumes"]
+    assert doc["start"] is None and entry["step"] == 7 and "changed" not in entry
+    assert (entry["record"]["dtype"], entry["record"]["recipe"]) == ("bf16", "yao-dpo")
+    assert [d["source"] for d in entry["record"]["data"]] == [str(pref_jsonl)]  # no held-out data: none recorded
+    (run / "provenance.json").write_text('{"start": {')
+    with pytest.raises(provenance.UserError, match="provenance.json: not a provenance record"):
+        provenance.write_run(run, args, tiny_model_dir, "cpu", 1, resumed_step=8)
