@@ -56,13 +56,15 @@ def code_state(folder: Path = HERE, skip: Path | None = None) -> dict:
         return {"commit": None, "git": f"the code's commit is unknown: git in {folder}: {e}"}
     untracked = [Path(top, os.fsdecode(e[3:])) for e in status.split(b"\0") if e.startswith(b"?? ")]
     untracked = sorted(p for p in untracked if not (skip and p.resolve().is_relative_to(Path(skip).resolve())))
-    for path in untracked:  # its name and content: a new, uncommitted file changes the hash
+    nested = [str(p) for p in untracked if p.is_dir() and not p.is_symlink()]  # git lists a nested checkout whole
+    for path in untracked:  # name and content of each: a new or edited untracked file changes the hash
         h.update(f"\0{path.relative_to(top)}\0".encode(errors="surrogateescape") + (
-            f"link:{os.readlink(path)}" if path.is_symlink() else data.files_sha256([path])).encode())
+            f"link:{os.readlink(path)}" if path.is_symlink() else data.files_sha256([path]) if path.is_file()
+            else "not a file").encode())
     dirty = bool(untracked) or any(e[:3] != b"?? " for e in status.split(b"\0") if e)
     return {"commit": commit, "dirty": dirty, "diff_sha256": "sha256:" + h.hexdigest() if dirty else None,
             "diff_covers": DIFF_COVERS + (f"; nor the files under {skip} (this run's folder)" if skip else ""),
-            "untracked": len(untracked), "checkout": top}
+            "untracked": len(untracked), "checkout": top, **({"not_hashed_nested_checkouts": nested} if nested else {})}
 
 
 def environment(device=None) -> dict:
@@ -70,13 +72,16 @@ def environment(device=None) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device(device or ("cuda" if cuda else "cpu"))
     on_cuda = device.type == "cuda"
-    installed = {(d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()}
+    installed = dict(reversed([((d.metadata["Name"] or "").lower(), d.version)  # the first on sys.path wins, as
+                               for d in importlib.metadata.distributions()]))  # in importlib.metadata.version
     return {"python": platform.python_version(), "platform": platform.platform(),
             "packages": {name: installed.get(name) for name in PACKAGES}, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "nccl": str(torch.cuda.nccl.version()) if cuda and torch.distributed.is_nccl_available() else None,
-            "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if on_cuda
-                       else platform.machine(), "count": torch.cuda.device_count() if on_cuda else 1,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda and torch.distributed.is_nccl_available()
+            else None,
+            "device": {"type": device.type, "count": torch.cuda.device_count() if on_cuda else 1,
+                       "name": torch.cuda.get_device_name(device) if on_cuda  # CPU: its SIMD level changes sums
+                       else f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
                        "cpu_threads": torch.get_num_threads()}}
 
 

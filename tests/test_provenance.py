@@ -146,6 +146,8 @@ def test_the_diff_hash_counts_changes_and_untracked_files_not_ignored_ones(tmp_p
     skipped = provenance.code_state(repo, skip=repo / "run")  # a run's own folder inside the checkout
     assert skipped["diff_sha256"] == added["diff_sha256"] and str(repo / "run") in skipped["diff_covers"]
     assert provenance.code_state(repo)["diff_sha256"] != added["diff_sha256"]
+    git(repo / "run", "init", "-q")  # a nested checkout: listed, since its files are not hashed
+    assert provenance.code_state(repo)["not_hashed_nested_checkouts"] == [str(repo / "run")]
 
 
 def test_git_missing_failing_or_hanging_is_recorded_never_printed(tmp_path, monkeypatch, capfd):
@@ -252,3 +254,18 @@ def test_resuming_a_run_from_before_provenance_records_it_whole_and_a_bad_record
     (run / "provenance.json").write_text('{"start": {')
     with pytest.raises(provenance.UserError, match="provenance.json: not a provenance record"):
         provenance.write_run(run, args, tiny_model_dir, "cpu", 1, resumed_step=8)
+
+
+def test_on_cuda_the_record_names_the_gpu_and_the_cuda_libraries(monkeypatch):
+    """The CUDA branch, wired on a CPU machine: what torch reports for the GPU and its libraries is what is recorded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H100")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    env = provenance.environment()
+    assert env["device"] | {"cpu_threads": None} == {"type": "cuda", "name": "Fake H100", "count": 8,
+                                                    "cpu_threads": None}
+    assert (env["cuda"], env["cudnn"], env["nccl"]) == ("12.8", 91002, "2.27.3")
