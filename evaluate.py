@@ -28,6 +28,7 @@ import generate
 import judge
 import losses
 import mt_bench
+import provenance
 import refcache
 import report
 from cli import UserError
@@ -120,7 +121,9 @@ def cmd_prefs(args) -> dict:
     t = data.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
                          next(policy.parameters()).device, args.dtype, budget=2 * max_len)
     res = {"reward": reward, "beta": hparams.get("beta", 1.0), **preference_metrics(score(key, t, hparams)[1]),
-           "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args)}
+           "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args),
+           "provenance": provenance.record(model_dir=policy.source_dir, data_sources=[(args.data, args.split)],
+                                           device=next(policy.parameters()).device, dtype=args.dtype)}
     if args.loss:
         res["loss"] = {"key": key, **loss_report(key, t, hparams)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +220,9 @@ def cmd_generate(args) -> dict:
              "sampling": samplings[0] if len({json.dumps(s) for s in samplings}) == 1 else "per category",
              **({"temperatures": {r["category"]: s["temperature"] for r, s in zip(rows, samplings)}}
                 if kind == "mt_bench" else {}),
-             "stop_ids": stop_ids, "stop_strings": stop_strings, "args": vars(args)}
+             "stop_ids": stop_ids, "stop_strings": stop_strings, "args": vars(args),
+             "provenance": provenance.record(model_dir=policy.source_dir, data_sources=[(args.bench, None)],
+                                             device=next(policy.parameters()).device, dtype=dtype)}
     (out / "generation_stats.json").write_text(json.dumps(stats, indent=2))
     print(f"wrote {path}\nanswer tokens {stats['tokens']}\nanswer chars  {stats['chars']}\n{cut} prompts longer than "
           f"the context minus --max-new-tokens kept their end; {stats['hit_max_new_tokens']} answers hit "

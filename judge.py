@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import provenance
 import winrate
 from cli import UserError
 
@@ -410,7 +411,9 @@ def cmd_judge(args) -> dict:
         print(usage_line(res))
         if counts["failed"] or counts["malformed_total"]:
             print("judge: rerun to retry failed items; add --retry-malformed to ask again where replies were malformed")
-    res = {"bench": "alpaca_eval", **res, "df_gamed": lc}
+    res = {"bench": "alpaca_eval", **res, "df_gamed": lc, "provenance": provenance.record(  # never the API key
+        data_sources=[(f, None) for f in (args.outputs, args.reference, args.annotations)],
+        judge=provenance.judge_entry(args.judge_model, args.judge_url) if not args.annotations else None)}
     out.mkdir(parents=True, exist_ok=True)
     cli.atomic_write(out / "judge_results.json", lambda p: p.write_text(json.dumps(res, indent=2)))
     lc = "" if lc is None else f", LC {res['length_controlled_winrate']:.2f} ± {res['lc_standard_error']:.2f}"

@@ -29,6 +29,7 @@ import numpy as np
 import cli
 import data
 import judge
+import provenance
 from cli import UserError
 
 NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")  # graded against a reference answer
@@ -198,7 +199,10 @@ def cmd_judge(args) -> dict:
     res = {"bench": "mt_bench", "answers": args.answers, "model": model, "judge_model": ep.model,
            "n_questions": len(questions), "n_answered": len(answers), **summary(records, questions),
            "failed": sum(r is None for r in got), "unparsable": sum(r["score"] == -1 for r in records),
-           "cached": sum(bool(r and r.get("cached")) for r in got), **ep.usage(records)}
+           "cached": sum(bool(r and r.get("cached")) for r in got), **ep.usage(records),
+           "provenance": provenance.record(judge=provenance.judge_entry(ep.model, args.judge_url),  # no API key
+                                           data_sources=[(f, None) for f in (args.answers, qpath, ppath,
+                                                                             refs and rpath)])}
     cli.atomic_write(out / "mt_bench_results.json", lambda p: p.write_text(json.dumps(res, indent=2)))
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     print(f"MT-Bench {model}: turn 1 {fmt(res['turn_1'])}, turn 2 {fmt(res['turn_2'])}, mean {fmt(res['mean'])} "

@@ -50,6 +50,14 @@ def _load_cache(out: Path, cmd: str) -> tuple[dict | None, dict | None]:
     return meta, tensors
 
 
+def model_sha256(model_dir: Path) -> dict:
+    """A model folder's header fields: weights_sha256 (its *.safetensors, sorted, and config.json) and
+    tokenizer_sha256 (tokenizer.json, tokenizer_config.json and chat_template.jinja where present)."""
+    return dict(weights_sha256=files_sha256(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]),
+                tokenizer_sha256=files_sha256(model_dir / f for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                 "chat_template.jinja") if (model_dir / f).is_file()))
+
+
 def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, split: str, max_length: int,
               max_prompt_length: int, out_dir, dtype: str = "fp16", batch_size: int = 8, device=None,
               skip_bad_rows: bool = False, rebuild: bool = False) -> tuple[list[Pair], dict[str, torch.Tensor], dict]:
@@ -71,9 +79,7 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
     if not pairs:
         raise UserError(f"{data_source}: no pairs left after filtering ({counts}); nothing to cache")
     meta = dict(format_version=CACHE_FORMAT, model=str(model_name_or_path), revision=revision,
-                weights_sha256=files_sha256(sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]),
-                tokenizer_sha256=files_sha256(model_dir / f for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                 "chat_template.jinja") if (model_dir / f).is_file()),
+                **model_sha256(model_dir),
                 data=str(data_source), split=split,
                 data_sha256=data_hash, max_length=max_length, max_prompt_length=max_prompt_length,
                 template=TEMPLATE_ID, dtype=compute, counts=counts, n=len(pairs))

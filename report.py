@@ -19,6 +19,7 @@ import numpy as np
 import cli
 import data
 import losses
+import provenance
 from cli import UserError
 
 
@@ -199,7 +200,7 @@ def read_run(run: str) -> dict:
     return {"name": path.name, "path": str(path), "loss": args.get("loss"), "kind": margin_kind(run),
             "hparams": {k: v for k, v in hp.items() if v is not None}, "rows": rows,
             "alpaca": find_one(path, "judge_results.json"), "mt": find_one(path, "mt_bench_results.json"),
-            "held": held}
+            "held": held, "code": provenance.run_code(path)}
 
 
 def table_row(r: dict) -> dict:
@@ -213,7 +214,8 @@ def table_row(r: dict) -> dict:
             "avg_length_chars": a.get("avg_length"), "mt_bench_turn_1": m.get("turn_1"),
             "mt_bench_turn_2": m.get("turn_2"), "mt_bench_mean": m.get("mean"), "heldout_reward_accuracy": h.get("acc"),
             "heldout_reward_margin": h.get("margin"), "heldout_from": h.get("from"),
-            "alpaca_judge": a.get("annotator"), "mt_bench_judge": m.get("judge_model"), "path": r["path"]}
+            "alpaca_judge": a.get("annotator"), "mt_bench_judge": m.get("judge_model"), "path": r["path"],
+            "commit": r["code"]["commit"], "dirty": r["code"]["dirty"]}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -222,21 +224,23 @@ def markdown(rows: list[dict]) -> str:
 
     def pm(x, se):
         return "–" if x is None else f"{num(x)} ± {num(se)}"
+    commits, commit_note = provenance.commit_cells(rows)  # ≠: another commit than most rows; +dirty
     head = ("| run | loss | hyperparameters | AlpacaEval WR (%) | LC WR (%) | avg length (chars) | MT-Bench turn 1 | "
-            "turn 2 | mean | held-out reward acc. | held-out margin |")
+            "turn 2 | mean | held-out reward acc. | held-out margin | commit |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for t in rows:
+    for t, commit in zip(rows, commits):
         lines.append(f"| {t['run']} | {t['loss'] or '–'} | {t['hyperparameters'] or '–'} | "
                      f"{pm(t['alpaca_wr'], t['alpaca_wr_se'])} | {pm(t['alpaca_lc'], t['alpaca_lc_se'])} | "
                      f"{num(t['avg_length_chars'], '.0f')} | {num(t['mt_bench_turn_1'], '.2f')} | "
                      f"{num(t['mt_bench_turn_2'], '.2f')} | {num(t['mt_bench_mean'], '.2f')} | "
-                     f"{num(t['heldout_reward_accuracy'], '.3f')} | {num(t['heldout_reward_margin'], '.3f')} |")
+                     f"{num(t['heldout_reward_accuracy'], '.3f')} | {num(t['heldout_reward_margin'], '.3f')} | "
+                     f"{commit} |")
     judges = sorted({f"AlpacaEval: {t['alpaca_judge']}" for t in rows if t["alpaca_judge"]} |
                     {f"MT-Bench: {t['mt_bench_judge']}" for t in rows if t["mt_bench_judge"]})
     notes = ["", "WR: AlpacaEval win rate against the reference outputs; LC: alpaca_eval's length-controlled win rate "
              "(± standard error). MT-Bench: FastChat single-answer grades, 1–10. Held-out reward accuracy and margin: "
              "prefs.json if the run has one, else the last eval_ row of metrics.jsonl.", "",
-             "Judges: " + ("; ".join(judges) or "none")]
+             "Judges: " + ("; ".join(judges) or "none"), "", commit_note]
     return "\n".join(lines + notes) + "\n"
 
 

@@ -21,6 +21,7 @@ import data
 import distributed
 import losses
 import packing
+import provenance
 import recipes
 import refcache
 import tracking
@@ -314,6 +315,8 @@ def main(argv=None) -> dict:
         step, counters, last_ckpt = resume(out_dir, model, opt, scaler, loss_state, rank)
     elif rank == 0:
         checkpoint.start(args, out_dir)
+    if rank == 0:  # provenance.json: the code, packages, machine and inputs of the run (a resume adds an entry)
+        provenance.write_run(out_dir, args, model_dir, device, world, step if args.resume else None)
     tracker = tracking.Tracker(args.report_to if rank == 0 else "none", out_dir, args)
     if rank == 0:
         report_plan(args, train_pairs, eval_pairs, plan, total)
