@@ -318,7 +318,7 @@ def test_cli_user_error_is_one_line_exit_2(cli, argv, names, tmp_path):
 def test_every_recipe_resolves_to_its_values_and_flags_override_it():
     """--recipe NAME sets each of its values (loss hyperparameters land in args.hparams); an explicit flag wins."""
     for name, recipe in recipes.RECIPES.items():
-        assert recipe["source"] and set(recipe["notes"]) <= set(recipe["args"]), name
+        assert recipe["source"] and set(recipe["sources"]) == set(recipe["args"]), name
         args = train.get_args(["--recipe", name])
         resolved = {**vars(args), **args.hparams}
         assert {k: resolved[k] for k in recipe["args"]} == recipe["args"], name
@@ -437,7 +437,7 @@ def test_mixdpo_flags_are_checked_at_parse_time():
     assert args.hparams == {"beta": 2.0, "gamma_beta_ratio": 0.5}
     assert train.get_args(["--loss", "amapo", "--no-adaptive", "--amapo-form", "paper"]).hparams["adaptive"] is False
     assert train.get_args(["--loss", "lmpo", "--lmpo-margin-grad"]).hparams["lmpo_margin_grad"] is True
-    assert train.get_args(["--loss", "margin_sigmoid", "--softplus-hinge", "--delta", "0.8"]).hparams["delta"] == 0.8
+    assert train.get_args(["--loss", "margin_sigmoid", "--truncation", "softplus", "--delta", "0.8"]).hparams["delta"] == 0.8
 
 
 def test_adamw_with_its_state_allocated_up_front_steps_exactly_as_adamw():
