@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--route-difficult", action="store_true", help="route around any --loss: pairs whose margin is < "
                    "--difficulty-threshold (margin from --difficulty) train with SFT on the chosen answer instead")
     g.add_argument("--order", choices=ORDERS, default=None, help="batch order: length (bucketed, shuffled, full "
-                   "batches; default), random (shuffled, every pair), per-epoch (each epoch all pairs easy->hard by score "
-                   "margin, ties shuffled; with any loss, e.g. MixDPO's 'DPO + sorted'), or MixDPO's: two-stage "
+                   "batches; default), random (shuffled, every pair), per-epoch (each epoch all pairs easy->hard by "
+                   "score margin, ties shuffled; with any loss, e.g. MixDPO's 'DPO + sorted'), or MixDPO's: two-stage "
                    "(default with MixDPO: every epoch easy pairs easy->hard, then every epoch difficult pairs), "
                    "reversed (difficult pairs first, hard->easy)")
     g.add_argument("--discard-difficult", action="store_true", help="MixDPO's filtering ablation: drop the difficult "

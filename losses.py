@@ -124,9 +124,9 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
     loss = softplus(β·γ_r − g), g = β(A_w − A_l) − λ·sg[(m − a)/max(b, 1e-6)], A = S/|y|: Eq. 11 with home
     advantage h = exp(β·γ_r), written stably. sg = detach, as in the release; `lmpo_margin_grad=True` drops it, as
     App. A differentiates (a, b constant). p(y) = exp(A(y)·L̄/|y|), L̄ = (|y_w|+|y_l|)/2 (Eq. 8; off: p = exp(A)).
-    m = (1 − p_w)·f(p_w − p_l) (Eq. 7), f by `margin_fn` (Table 2, formulas in the text after it): "pow" 1 − d^k (k = 5; 3 =
-    "cube"), "log" log((1−d)/(1+d))/margin_alpha + ½, "sigmoid" σ(−d/margin_temperature); neither the paper nor the
-    release (no ablation code) gives α or the temperature: 5 and 0.1 are ours. The release's ½ on m cancels in the
+    m = (1 − p_w)·f(p_w − p_l) (Eq. 7), f by `margin_fn` (Table 2, formulas in the text after it): "pow" 1 − d^k
+    (k = 5; 3 = "cube"), "log" log((1−d)/(1+d))/margin_alpha + ½, "sigmoid" σ(−d/margin_temperature); neither the
+    paper nor the release (no ablation code) gives α or the temperature: 5 and 0.1 are ours. The release's ½ on m cancels in the
     z-score: dropped. a, b: running mean and std of m (batch over all ranks
     via `gather`, unbiased std), a ← d·a + (1−d)·mean, b likewise; the first call sets them to the batch's (the
     release never initialises them). `lmpo_stats_order`: "release" updates a, b and then normalises with them (the

@@ -454,7 +454,8 @@ def test_margin_sigmoid_flags_and_recipe_overrides_at_parse_time(capsys):
     """Softplus_τ's temperature and the focal weight are options of margin_sigmoid (Yao §5.4.4); a flag the chosen
     truncation does not use is refused, as is the δ curriculum with the focal weight (it has no δ). A recipe's loss
     hyperparameters that another --loss does not take are dropped (MixDPO's Fig. 4a "DPO + sorted")."""
-    hp = train.get_args(["--loss", "margin_sigmoid", "--truncation", "softplus", "--softplus-temperature", "0.5"]).hparams
+    hp = train.get_args(["--loss", "margin_sigmoid", "--truncation", "softplus", "--softplus-temperature",
+                         "0.5"]).hparams
     assert hp["truncation"] == "softplus" and hp["softplus_temperature"] == 0.5
     hp = train.get_args(["--loss", "margin_sigmoid", "--truncation", "focal", "--focal-gamma", "3"]).hparams
     assert hp["truncation"] == "focal" and hp["focal_gamma"] == 3.0
@@ -487,7 +488,8 @@ def test_mixdpo_flags_are_checked_at_parse_time():
     assert args.hparams == {"beta": 2.0, "gamma_beta_ratio": 0.5}
     assert train.get_args(["--loss", "amapo", "--no-adaptive", "--amapo-form", "paper"]).hparams["adaptive"] is False
     assert train.get_args(["--loss", "lmpo", "--lmpo-margin-grad"]).hparams["lmpo_margin_grad"] is True
-    assert train.get_args(["--loss", "margin_sigmoid", "--truncation", "softplus", "--delta", "0.8"]).hparams["delta"] == 0.8
+    args = train.get_args(["--loss", "margin_sigmoid", "--truncation", "softplus", "--delta", "0.8"])
+    assert args.hparams["delta"] == 0.8
 
 
 def test_adamw_with_its_state_allocated_up_front_steps_exactly_as_adamw():
