@@ -412,7 +412,8 @@ def curriculum_batches(pairs: list[Pair], batch_size: int, epoch: int, *, epochs
     """MixDPO's batches for epoch `epoch` of a run (Pang et al. 2026, arXiv 2602.00954). A pair is difficult when its
     `difficulty_margins` value is < difficulty_threshold. "two-stage" (the paper): epochs 0..epochs-1 hold the easy
     pairs, easy -> hard (margin descending), epochs..2*epochs-1 the difficult ones in the same order; "reversed":
-    the difficult pairs first, then the easy ones, each hard -> easy; "per-epoch": every epoch all pairs easy -> hard;
+    the difficult pairs first, then the easy ones, each hard -> easy; "per-epoch": every epoch all pairs easy -> hard
+    (with any loss too: MixDPO's Fig. 4a "DPO + sorted", the curriculum without routing);
     "random": every epoch all pairs shuffled (no margins needed unless discarding), as transformers' Trainer samples.
     Ties (and "random") in an order shuffled by seed (none if not shuffle); discard_difficult drops the difficult
     pairs. Every pair trains: the last batch may be partial, and one smaller than min_last (2 for batch statistics,

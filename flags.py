@@ -53,7 +53,8 @@ HPARAMS = {
     "length_weight": "R-DPO's α on the length difference |y_w| - |y_l|",
     "offset_scale": "ODPO's α on the offset log(s_w - s_l)",
     "alpha": "α-DPO's α on the z-scored reference gap",
-    "focal_gamma": "FocalPO's focusing exponent γ",
+    "focal_gamma": "focusing exponent γ of a focal weight: FocalPO's σ(βz)^γ; margin_sigmoid's (1 - e^-ℓ)^γ "
+                   "(--truncation focal)",
     "difficulty_threshold": "MixDPO's τ: pairs whose margin (--difficulty) is < τ are difficult (trained with SFT)",
     "tau": "DiscoPOP's temperature τ of the logistic/exponential mixing weight",
     "decay": "decay of the running batch statistics (exponential moving average)",
@@ -70,7 +71,11 @@ HPARAMS = {
                   "gate γ > 0)",
     "lmpo_margin_grad": "LMPO: the gradient flows through the margin term, as the paper's appendix (off = the "
                         "release's stop-gradient)",
-    "softplus_hinge": "margin-sigmoid: softplus(ℓ - δ) instead of max(0, ℓ - δ), Yao et al. 2025's smoothing",
+    "truncation": "margin-sigmoid's cut of each term ℓ at δ (Yao et al. 2025): relu max(0, ℓ - δ) (§3.1, the reported "
+                  "runs), softplus τ·log(1 + e^((ℓ - δ)/τ)) or focal (1 - e^-ℓ)^γ·ℓ, no δ (§5.4.4's two fixes)",
+    "softplus_temperature": "temperature τ of margin-sigmoid's Softplus_τ (--truncation softplus; Yao et al. §5.4.4)",
+    "lmpo_stats_order": "LMPO: release (update the running mean/std of the margin, then z-score with them: the "
+                        "released code) or paper (z-score with the previous statistics, then update: App. A Eq. 20-22)",
     "difficulty": "MixDPO's difficulty margin: score (s_w - s_l) or ref_margin (S_ref(y_w) - S_ref(y_l))",
     "sft_ref": "MixDPO: difficult pairs get the anchored -log σ(βΔ_w) instead of the token-mean NLL of y_w",
 }
@@ -141,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--route-difficult", action="store_true", help="route around any --loss: pairs whose margin is < "
                    "--difficulty-threshold (margin from --difficulty) train with SFT on the chosen answer instead")
     g.add_argument("--order", choices=ORDERS, default=None, help="batch order: length (bucketed, shuffled, full "
-                   "batches; default), random (shuffled, every pair), or MixDPO's: two-stage (default with MixDPO: "
-                   "every epoch easy pairs easy->hard, then every epoch difficult pairs), per-epoch (each epoch all "
-                   "pairs easy->hard), reversed (difficult pairs first, hard->easy)")
+                   "batches; default), random (shuffled, every pair), per-epoch (each epoch all pairs easy->hard by "
+                   "score margin, ties shuffled; with any loss, e.g. MixDPO's 'DPO + sorted'), or MixDPO's: two-stage "
+                   "(default with MixDPO: every epoch easy pairs easy->hard, then every epoch difficult pairs), "
+                   "reversed (difficult pairs first, hard->easy)")
     g.add_argument("--discard-difficult", action="store_true", help="MixDPO's filtering ablation: drop the difficult "
                    "pairs instead of training them")
     g = p.add_argument_group("optimisation")
@@ -216,10 +222,18 @@ def get_args(argv=None) -> argparse.Namespace:
             hps[name] = value
         elif value is not None and route is not None and name in route:
             route[name] = value
+        elif value is not None and getattr(pre, name) is None:  # a recipe's value for its own loss: not this one's
+            continue
         elif value is not None:
             p.error(f"--{name.replace('_', '-')} is not a hyperparameter of --loss {args.loss} (its hyperparameters: "
                     f"{', '.join(hps) or 'none'}{'; --route-difficult takes it' * (name in ROUTING)})")
     args.hparams, args.route = hps, route
+    cut = hps.get("truncation") if args.loss == "margin_sigmoid" else None
+    unused = {"relu": ["softplus_temperature", "focal_gamma"], "softplus": ["focal_gamma"],
+              "focal": ["delta", "softplus_temperature"]}.get(cut, [])
+    for name in [n for n in unused if getattr(pre, n) is not None]:  # given on the command line, not by a recipe
+        p.error(f"--{name.replace('_', '-')} has no effect with --truncation {cut}: drop it, or pick the truncation "
+                "that uses it (softplus: --softplus-temperature; focal: --focal-gamma; relu, softplus: --delta)")
     args.order = args.order or ("two-stage" if mixdpo_settings(args) else "length")
     validate(args, p)
     try:  # the loss checks its own hyperparameters (e.g. margin_sigmoid's δ < ln 2): ask it once, before any work
@@ -265,14 +279,15 @@ def validate(args, p: argparse.ArgumentParser) -> None:
     for name, ok, must in rules:
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
-    if args.curriculum_steps and args.loss != "margin_sigmoid":
-        p.error(f"--curriculum-steps ramps margin_sigmoid's δ; --loss {args.loss} has no curriculum")
+    if args.curriculum_steps and (args.loss != "margin_sigmoid" or args.hparams["truncation"] == "focal"):
+        p.error(f"--curriculum-steps ramps margin_sigmoid's δ; --loss {args.loss}"
+                f"{' --truncation focal' * (args.loss == 'margin_sigmoid')} has no δ to ramp")
     if args.route_difficult and args.loss in ("mixdpo", "sft"):
         p.error(f"--route-difficult routes difficult pairs to SFT around a preference loss; --loss {args.loss} "
                 f"{'routes its pairs itself' if args.loss == 'mixdpo' else 'is SFT already'}")
-    if (args.order not in ("length", "random") or args.discard_difficult) and not mixdpo_settings(args):
-        p.error(f"--order {args.order}{' --discard-difficult' * args.discard_difficult} uses MixDPO's difficulty "
-                "margins: add --route-difficult, or use --loss mixdpo")
+    if (args.order in ("two-stage", "reversed") or args.discard_difficult) and not mixdpo_settings(args):
+        p.error(f"--order {args.order}{' --discard-difficult' * args.discard_difficult} splits the pairs at MixDPO's "
+                "τ: add --route-difficult, or use --loss mixdpo (--order per-epoch sorts easy -> hard with any loss)")
     if args.discard_difficult and args.order == "length":
         p.error("--discard-difficult filters MixDPO's orders: pass --order two-stage, per-epoch, reversed or random")
     if args.fsdp and "RANK" not in os.environ and not args.dry_run:

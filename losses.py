@@ -37,7 +37,7 @@ def apo_hinge_zero(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logp
     """APO-hinge-zero: hinged anchored rewards (Yao et al. 2025, arXiv 2508.08466, Eq. 11).
 
     loss = max(0, m − βΔ_w) + max(0, m + βΔ_l), Δ = S − S_ref; equals 2m at Δ = 0.
-    The paper's r_θ already contains β and Eq. 11 multiplies by β again; we read it as one β (the report's §6.2
+    The paper's r_θ already contains β and Eq. 11 multiplies by β again; we read it as one β (the report's §5.2
     defines r without β; the method is TRL's apo_zero with its sigmoids replaced by hinges). The gradient is
     exactly 0 once Δ_w ≥ m/β and Δ_l ≤ −m/β.
     Args:
@@ -77,36 +77,38 @@ def apo_hinge_softplus(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_
 
 def margin_sigmoid(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
                    chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.1, delta: float = 0.1,
-                   label_smoothing: float = 0.1, softplus_hinge: bool = False,
-                   metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   label_smoothing: float = 0.1, truncation: str = "relu", softplus_temperature: float = 1.0,
+                   focal_gamma: float = 2.0, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Margin-sigmoid: cDPO's two terms, each clipped at δ (Yao et al. 2025, arXiv 2508.08466, §3.1).
 
-    loss = (1−ε)·h(ℓ⁺ − δ) + ε·h(ℓ⁻ − δ), ℓ± = −log σ(±βz), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref, with
-    h(u) = max(0, u), or h(u) = softplus(u) = log(1 + eᵘ) with `softplus_hinge` (the report's smoothing against
-    gradient starvation, §6.4.1: every pair keeps a gradient σ(ℓ − δ) > 0; the report gives no formula, this one is
-    ours). δ and ε are not reported; 0.1/0.1 are our choice. At z = 0 both ℓ± = ln 2, so with the hard hinge δ ≥ ln 2
-    means no gradient at step 0: rejected with ValueError (so is δ < 0). Curriculum (§5.4.4): the caller may ramp
-    `delta` from 0 per step. δ = 0, ε = 0 (hard hinge) is DPO.
+    loss = (1−ε)·h(ℓ⁺ − δ) + ε·h(ℓ⁻ − δ), ℓ± = −log σ(±βz), z = Δ_w − Δ_l, Δ = S − S_ref. `truncation`: "relu"
+    h(u) = max(0, u), §3.1's, the form of the reported numbers (δ must be in [0, ln 2): at step 0 both ℓ± = ln 2, so
+    a larger δ never gives a gradient; ValueError); "softplus" h(u) = τ·log(1 + e^{u/τ}), §5.4.4's Softplus_τ
+    (τ = `softplus_temperature`; any δ ≥ 0); "focal": §5.4.4's focal-style weight instead of the clip,
+    (1−ε)·w(ℓ⁺)·ℓ⁺ + ε·w(ℓ⁻)·ℓ⁻, w(ℓ) = (1 − e^{−ℓ})^γ (γ = `focal_gamma`, δ unused; the weight keeps its
+    gradient, as in focal loss). §5.4.4 gives neither τ nor γ: 1 (plain softplus) and 2 (Lin et al. 2017's focal
+    loss) are ours; so are δ = ε = 0.1 (§3.1 says only "small"). δ = ε = 0 with "relu" is DPO. The δ curriculum
+    (§5.4.4) is the caller's: it passes a ramped `delta` per step. Metric "margin_sigmoid/active_fraction": ℓ⁺ > δ.
     Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). delta: δ, the clip level, ≥ 0 and < ln 2 for the hard hinge (0.1). label_smoothing: ε, cDPO's
-        (0.1). softplus_hinge: softplus instead of max(0, ·) (False).
-        metrics: None or a dict; receives "margin_sigmoid/active_fraction", the fraction with ℓ⁺ > δ.
+        the six tensors: as every loss (module docstring). beta, delta, label_smoothing, truncation,
+        softplus_temperature, focal_gamma: as above. metrics: None or a dict (the active fraction).
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
     """
-    if not (0.0 <= delta and (softplus_hinge or delta < math.log(2))):
-        raise ValueError(f"margin_sigmoid: delta={delta} must be in [0, ln 2 = {math.log(2):.4f}): at step 0 "
-                         "(policy = reference) both terms equal ln 2, so a larger delta gives no gradient "
-                         "(--softplus-hinge keeps one)")
+    if truncation not in ("relu", "softplus", "focal"):
+        raise ValueError(f"margin_sigmoid: truncation={truncation!r} must be 'relu', 'softplus' or 'focal'")
+    if delta < 0 or (truncation == "relu" and delta >= math.log(2)) or softplus_temperature <= 0 or focal_gamma < 0:
+        raise ValueError(f"margin_sigmoid: delta={delta} must be in [0, ln 2 = {math.log(2):.4f}) (at step 0, policy = "
+                         "reference, both terms equal ln 2, so a larger delta gives no gradient; --truncation softplus "
+                         "keeps one), softplus_temperature > 0 and focal_gamma >= 0")
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
     u = beta * (dw - dl)
     l_pos, l_neg = F.softplus(-u), F.softplus(u)
     if metrics is not None:
         metrics["margin_sigmoid/active_fraction"] = (l_pos > delta).float().mean().detach()
-    h = F.softplus if softplus_hinge else torch.relu
-    losses = (1 - label_smoothing) * h(l_pos - delta) + label_smoothing * h(l_neg - delta)
+    h = {"relu": lambda x: torch.relu(x - delta), "focal": lambda x: (-torch.expm1(-x)) ** focal_gamma * x,
+         "softplus": lambda x: softplus_temperature * F.softplus((x - delta) / softplus_temperature)}[truncation]
+    losses = (1 - label_smoothing) * h(l_pos) + label_smoothing * h(l_neg)
     return losses, (beta * dw).detach(), (beta * dl).detach()
 
 
@@ -114,32 +116,28 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
          ref_rejected_logps: Tensor | None, chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 2.0,
          gamma_beta_ratio: float = 0.5, margin_weight: float = 0.2, margin_power: int = 5, decay: float = 0.9,
          margin_fn: str = "pow", margin_alpha: float = 5.0, margin_temperature: float = 0.1, zscore: bool = True,
-         avg_length_norm: bool = True, lmpo_margin_grad: bool = False, state: dict,
-         gather: Callable[[Tensor], Tensor] | None = None,
+         avg_length_norm: bool = True, lmpo_margin_grad: bool = False, lmpo_stats_order: str = "release",
+         state: dict, gather: Callable[[Tensor], Tensor] | None = None,
          metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """LMPO, Length-controlled Margin-based PO without a reference (Li, Xia, Chang, Wu 2025, Eq. 6-11).
 
-    loss = softplus(β·γ_r − g), g = β(A_w − A_l) − λ·sg[(m − a)/max(b, 1e-6)], A = S/|y|, sg = detach as in the
-    release; `lmpo_margin_grad=True` drops the sg on m, as the paper's appendix differentiates (a, b stay constants);
-    softplus(log h − g) is Eq. 11 with home advantage h = exp(β·γ_r), written stably. p(y) = exp(A(y)·L̄/|y|),
-    L̄ = (|y_w|+|y_l|)/2 (Eq. 8; `avg_length_norm=False`: p = exp(A)). Margin m = (1 − p_w)·f(p_w − p_l) (Eq. 7),
-    f by `margin_fn` (Table 2): "pow" 1 − d^k (k = 5 is the paper's, k = 3 the "cube" ablation); "log"
-    log((1−d)/(1+d))/margin_alpha + ½ and "sigmoid" σ(−d/margin_temperature) (σ = sigmoid), both as in the
-    release's ablation code. The release's extra factor ½ on m is dropped (it cancels in the z-score).
-    a, b: running mean and std of m, set to the batch's by the first call (the release never initialises them),
-    then a ← d·a + (1−d)·mean, b ← d·b + (1−d)·std (batch over all ranks via `gather`; std unbiased, 0 for one
-    element); updated before use, as the release. Over 30 lines: the ablation switches.
+    loss = softplus(β·γ_r − g), g = β(A_w − A_l) − λ·sg[(m − a)/max(b, 1e-6)], A = S/|y|: Eq. 11 with home
+    advantage h = exp(β·γ_r), written stably. sg = detach, as in the release; `lmpo_margin_grad=True` drops it, as
+    App. A differentiates (a, b constant). p(y) = exp(A(y)·L̄/|y|), L̄ = (|y_w|+|y_l|)/2 (Eq. 8; off: p = exp(A)).
+    m = (1 − p_w)·f(p_w − p_l) (Eq. 7), f by `margin_fn` (Table 2, formulas in the text after it): "pow" 1 − d^k
+    (k = 5; 3 = "cube"), "log" log((1−d)/(1+d))/margin_alpha + ½, "sigmoid" σ(−d/margin_temperature); neither the
+    paper nor the release (no ablation code) gives α or the temperature: 5 and 0.1 are ours. The release's ½ on m cancels in the
+    z-score: dropped. a, b: running mean and std of m (batch over all ranks
+    via `gather`, unbiased std), a ← d·a + (1−d)·mean, b likewise; the first call sets them to the batch's (the
+    release never initialises them). `lmpo_stats_order`: "release" updates a, b and then normalises with them (the
+    release's order, the code behind the reported numbers); "paper" normalises with the previous a, b and then
+    updates them (App. A, Eq. 20-22). `state`: {} at the first step, then the same dict (a copy when evaluating).
+    Metrics "lmpo/a", "lmpo/b" (after the update), "lmpo/margin" (mean m). Over 30 lines: the ablation switches.
     Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        beta: β (2.0). gamma_beta_ratio: γ_r = γ/β, the target margin over β (0.5). margin_weight: λ (0.2).
-        margin_power: k of "pow" (5). decay: d (0.9). margin_fn: "pow", "log" or "sigmoid" ("pow").
-        margin_alpha: α of "log" (5.0). margin_temperature: of "sigmoid" (0.1). zscore: (m − a)/b, else m (True).
-        avg_length_norm: p from L̄ (True). lmpo_margin_grad: the gradient flows through m (False: the release).
-        state: the caller's dict, {} at the first step and the same dict afterwards (a copy when evaluating:
-            each call is one update); holds 0-d detached tensors "a", "b" (floats are accepted back).
-        gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks.
-        metrics: None or a dict; receives "lmpo/a", "lmpo/b" and "lmpo/margin" (mean m).
+        the six tensors: as every loss (module docstring; ref_* unused, may be None). beta, gamma_beta_ratio,
+        margin_weight, margin_power, decay, margin_fn, margin_alpha, margin_temperature, zscore, avg_length_norm,
+        lmpo_margin_grad, lmpo_stats_order: as above (γ_r, λ, k, d). state: the running statistics. gather: None
+        or a callable concatenating a detached 1-D tensor over DDP ranks. metrics: None or a dict.
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·A_w, β·A_l, detached.
     """
     shapes = {"pow": lambda d: 1 - d ** margin_power, "sigmoid": lambda d: torch.sigmoid(-d / margin_temperature),
@@ -147,6 +145,8 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
     if margin_fn not in shapes:
         raise ValueError(f"lmpo: margin_fn={margin_fn!r} is not one of {sorted(shapes)} (the paper's 'pow5' and "
                          "'cube' are margin_fn='pow' with margin_power=5 and 3)")
+    if lmpo_stats_order not in ("release", "paper"):
+        raise ValueError(f"lmpo: lmpo_stats_order={lmpo_stats_order!r} must be 'release' or 'paper'")
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     lc, lr = chosen_lens.to(dt), rejected_lens.to(dt)
     aw, al = chosen_logps.to(dt) / lc, rejected_logps.to(dt) / lr
@@ -158,9 +158,11 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
         mg = m.detach() if gather is None else gather(m.detach())
         mean, std = mg.mean(), mg.std() if mg.numel() > 1 else mg.new_zeros(())
         first = "a" not in state
+        prev = (mean, std) if first else (state["a"], state["b"])
         state["a"] = mean if first else decay * state["a"] + (1 - decay) * mean
         state["b"] = std if first else decay * state["b"] + (1 - decay) * std
-    term = (m - state["a"]) / torch.as_tensor(state["b"]).clamp_min(1e-6) if zscore else m
+        a, b = (state["a"], state["b"]) if lmpo_stats_order == "release" else prev
+    term = (m - a) / torch.as_tensor(b).clamp_min(1e-6) if zscore else m
     term = term if lmpo_margin_grad else term.detach()
     if metrics is not None:
         metrics.update({"lmpo/a": state["a"], "lmpo/b": state["b"], "lmpo/margin": m.mean().detach()})
@@ -175,21 +177,20 @@ def amapo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
           metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """AMaPO, Adaptive Margin-attached PO (Deng, Feng, Lei 2025, arXiv 2511.09385): its released code or its paper.
 
-    loss = −log σ(βΔ̄ − sg[M]), σ = sigmoid, sg = detach, Δ̄ = A_w − A_l, A = S/|y| (no reference). The margin M is
-    computed on a statistic r over the batch (all ranks via `gather`): μ = mean r, s = std r (unbiased),
-    z_i = (μ − r_i)/s, exponent γ_i = z_i·μ. `amapo_form="release"` (the code that produced the reported numbers):
-    r = Δ̄, M_i = β·e^{γ_i} if Δ̄_i < μ else 0. `"paper"` (its method section): r = βΔ̄ (so the exponent is β·z·μ),
-    M_i = β·e^{γ_i} if γ_i > 0 else 0. They differ whenever β ≠ 1, and their gates differ when μ < 0.
-    Ablations (the paper's table; all True by default): zscore=False ⇒ z_i = μ − r_i; exp_scaling=False ⇒
-    M_i = β·max(γ_i, 0); adaptive=False ⇒ both of these ("w/o adaptive"); zero_margin=False ⇒ no gate (correctly
-    ranked pairs keep a positive margin). Guards: B < 2 or s < 1e-6 ⇒ M = 0; the exponent is capped at 50.
+    loss = −log σ(βΔ̄ − sg[M]), sg = detach, Δ̄ = A_w − A_l, A = S/|y| (no reference). On a statistic r over the
+    batch (all ranks via `gather`): μ = mean r, s = unbiased std r, z_i = (μ − r_i)/s, γ_i = z_i·μ.
+    `amapo_form="release"` (scripts/amapo_trainer.py, the code of the reported numbers): r = Δ̄, M_i = β·e^{γ_i} if
+    Δ̄_i < μ else 0. `"paper"` (its method section): r = βΔ̄, M_i = β·e^{γ_i} if γ_i > 0 else 0. Ablations (the
+    paper's table): zscore=False ⇒ z_i = μ − r_i; exp_scaling=False ⇒ M_i = β·max(γ_i, 0); adaptive=False ⇒ both;
+    zero_margin=False ⇒ no gate. Scale: γ grows with μ, so once the policy separates the pairs M (and the loss,
+    ≈ M − βΔ̄) can reach 1e8 and more, as in the release; the gradient does not (sg[M]: ∂loss/∂Δ̄ = −β·σ(M − βΔ̄),
+    at most β). Guards the release lacks: B < 2 or s < 1e-6 ⇒ M = 0; the exponent is capped at 50 (fp32's exp
+    overflows past 88: the release's loss turns inf there, with the same gradient). Metrics "amapo/margin" (mean
+    M), "amapo/margin_pos_fraction" (M > 0), "amapo/loss_without_margin" (mean −log σ(βΔ̄): the readable curve).
     Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        beta: β (2.0). amapo_form: "release" or "paper" ("release"). zscore, exp_scaling, adaptive, zero_margin: the
-            ablation switches above (True).
-        gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks.
-        metrics: None or a dict; receives "amapo/margin" (mean M) and "amapo/margin_pos_fraction" (M > 0).
+        the six tensors: as every loss (module docstring; ref_* unused, may be None). beta, amapo_form, zscore,
+        exp_scaling, adaptive, zero_margin: as above. gather: None or a callable concatenating a detached 1-D tensor
+        over DDP ranks. metrics: None or a dict.
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·A_w, β·A_l, detached.
     """
     if amapo_form not in ("release", "paper"):
@@ -208,7 +209,8 @@ def amapo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
         big = torch.where(gate | (not zero_margin), big, 0.0)
         big = torch.where(sd >= 1e-6, big, 0.0)
     if metrics is not None:
-        metrics.update({"amapo/margin": big.mean(), "amapo/margin_pos_fraction": (big > 0).float().mean()})
+        metrics.update({"amapo/margin": big.mean(), "amapo/margin_pos_fraction": (big > 0).float().mean(),
+                        "amapo/loss_without_margin": F.softplus(-beta * gap).mean().detach()})
     return F.softplus(big - beta * gap), (beta * aw).detach(), (beta * al).detach()
 
 

@@ -486,10 +486,31 @@ def asym_margin_sigmoid():
 
 @asym("margin_sigmoid")
 def asym_margin_sigmoid_softplus():
-    """As above with softplus_hinge: 0.75·softplus(softplus(3/2) − 0.3) + 0.25·softplus(softplus(−3/2) − 0.3) (the
-    second term no longer vanishes)."""
-    return dict(b=make(Q2), hp=dict(beta=0.5, delta=0.3, label_smoothing=0.25, softplus_hinge=True),
+    """As above with truncation softplus, τ = 1: 0.75·softplus(softplus(3/2) − 0.3) + 0.25·softplus(softplus(−3/2)
+    − 0.3) (the second term no longer vanishes)."""
+    return dict(b=make(Q2), hp=dict(beta=0.5, delta=0.3, label_smoothing=0.25, truncation="softplus"),
                 losses=[0.75 * sp(sp(1.5) - 0.3) + 0.25 * sp(sp(-1.5) - 0.3)])
+
+
+@asym("margin_sigmoid")
+def asym_margin_sigmoid_softplus_temperature():
+    """Yao §5.4.4's Softplus_τ(u) = τ·log(1 + e^{u/τ}), τ = ½, on Q2 (β = ½, δ = 0.3, ε = ¼): ℓ⁺ = softplus(3/2),
+    ℓ⁻ = softplus(−3/2); loss = 0.75·½·softplus(2(ℓ⁺ − 0.3)) + 0.25·½·softplus(2(ℓ⁻ − 0.3)). A temperature applied
+    outside only (τ·softplus(u)) or inside only (softplus(u/τ)) gives other values."""
+    lp, ln = sp(1.5), sp(-1.5)
+    return dict(b=make(Q2), hp=dict(beta=0.5, delta=0.3, label_smoothing=0.25, truncation="softplus",
+                                    softplus_temperature=0.5),
+                losses=[0.75 * 0.5 * sp(2 * (lp - 0.3)) + 0.25 * 0.5 * sp(2 * (ln - 0.3))])
+
+
+@asym("margin_sigmoid")
+def asym_margin_sigmoid_focal():
+    """Yao §5.4.4's focal weight w(ℓ) = (1 − e^{−ℓ})^γ instead of the clip, γ = 3, on Q2 (β = ½, ε = ¼, δ unused):
+    ℓ⁺ = softplus(3/2), so 1 − e^{−ℓ⁺} = σ(3/2) (e^{−ℓ} = σ(−3/2)); ℓ⁻ = softplus(−3/2), 1 − e^{−ℓ⁻} = σ(−3/2).
+    loss = 0.75·σ(3/2)³·ℓ⁺ + 0.25·σ(−3/2)³·ℓ⁻. (The weight e^{−ℓ} or a clip at δ would give other values.)"""
+    lp, ln = sp(1.5), sp(-1.5)
+    return dict(b=make(Q2), hp=dict(beta=0.5, delta=0.3, label_smoothing=0.25, truncation="focal", focal_gamma=3.0),
+                losses=[0.75 * sig(1.5) ** 3 * lp + 0.25 * sig(-1.5) ** 3 * ln])
 
 
 LMPO_HP = dict(beta=1.0, gamma_beta_ratio=0.5, margin_weight=0.5)  # loss = softplus(½ − (A_w − A_l) + ½·term)
@@ -679,6 +700,73 @@ def test_lmpo_margin_grad_gradcheck():
     assert torch.autograd.gradcheck(f, x)
 
 
+def test_lmpo_statistics_order_release_updates_first_paper_after():
+    """Two steps with decay ½ (β = 1, γ_r = ½, λ = ½, k = 5). m(L1, L2, L3) = (½(1 − 4⁻⁵), ¼(1 − 2⁻⁵), ½). Step 1
+    [L1, L2]: no statistics yet, both orders z-score with the batch's own mean a1 and unbiased std b1. Step 2 [L2, L3]
+    (batch mean a', std b'): "release" updates first, a2 = ½a1 + ½a', b2 = ½b1 + ½b', and z-scores with (a2, b2);
+    "paper" (App. A Eq. 20-22) z-scores with (a1, b1) and then updates to the same (a2, b2)."""
+    m1, m2, m3 = 0.5 * (1 - 0.25 ** 5), 0.25 * (1 - 0.5 ** 5), 0.5
+    g1, g2, g3 = LN2, 0.5 * math.log(0.75) - 1.5 * math.log(0.25), 0.0
+    a1, b1 = (m1 + m2) / 2, abs(m1 - m2) / math.sqrt(2)
+    a2, b2 = (a1 + (m2 + m3) / 2) / 2, (b1 + abs(m2 - m3) / math.sqrt(2)) / 2
+    for order, (a, b) in [("release", (a2, b2)), ("paper", (a1, b1))]:
+        state = {}
+        first = run("lmpo", make(L1, L2), state=state, decay=0.5, lmpo_stats_order=order, **LMPO_HP)[0]
+        assert close(first, [sp(0.5 - g1 + 0.5 * (m1 - a1) / b1), sp(0.5 - g2 + 0.5 * (m2 - a1) / b1)]), order
+        out, metrics = run("lmpo", make(L2, L3), state=state, decay=0.5, lmpo_stats_order=order, **LMPO_HP)
+        assert close(out, [sp(0.5 - g2 + 0.5 * (m2 - a) / b), sp(0.5 - g3 + 0.5 * (m3 - a) / b)]), order
+        assert close(state["a"], a2) and close(state["b"], b2) and close(metrics["lmpo/a"][0], a2), order
+
+
+def test_mixdpo_ref_margin_is_the_reference_log_likelihood_margin():
+    """difficulty="ref_margin" routes by S_ref(y_w) − S_ref(y_l), not by the policy's S(y_w) − S(y_l) nor by the
+    implicit-reward margin z = Δ_w − Δ_l. τ = ½, β = 1, |y| = 1, all score margins 3 (easy by score):
+    A: ref −1 − (−3) = 2 (easy), policy −4 − (−3) = −1, z = −3: DPO softplus(3);
+    B: ref −3 − (−2) = −1 (difficult), policy 3, z = 4: SFT −S_w·1/|y_w| = 1;
+    C: ref 2 (easy), policy 1, z = −1: DPO softplus(1).
+    By the policy margin the difficult set would be {A}, by z {A, C}, by score {}."""
+    pa = dict(pc=-4.0, pr=-3.0, rc=-1.0, rr=-3.0, lc=1, lr=1)
+    pb = dict(pc=-1.0, pr=-4.0, rc=-3.0, rr=-2.0, lc=1, lr=1)
+    pc = dict(pc=-2.0, pr=-3.0, rc=-1.0, rr=-3.0, lc=1, lr=1)
+    b = make(pa, pb, pc, sw=[5.0] * 3, sl=[2.0] * 3)
+    hp = dict(beta=1.0, difficulty_threshold=0.5, difficulty="ref_margin")
+    out, m = run("mixdpo", b, **hp)
+    assert close(out, [sp(3.0), 1.0, sp(1.0)]) and close(m["sft_fraction"], [0.0, 1.0, 0.0])
+    hard = losses.difficult(as_batch(b), difficulty_threshold=0.5, difficulty="ref_margin")
+    assert hard.tolist() == [False, True, False]
+    out = compute("dpo", as_batch(b), {"beta": 1.0}, route=dict(difficulty_threshold=0.5, difficulty="ref_margin"))[0]
+    assert close(out, [sp(3.0), 1.0, sp(1.0)])
+
+
+def release_amapo(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """AMaPO's released amapo_loss (scripts/amapo_trainer.py, loss_type "sigmoid", label_smoothing 0), transcribed
+    line by line: the oracle for `amapo_form="release"`. Its inputs are average log-probs (length_norm: true)."""
+    pi_logratios = avg_chosen - avg_rejected
+    mean, std = pi_logratios.detach().mean(), pi_logratios.detach().std()
+    margin = beta * torch.where(pi_logratios - mean < 0, torch.exp(((mean - pi_logratios) / std) * mean), 0).detach()
+    return -F.logsigmoid(beta * pi_logratios - margin)
+
+
+def test_amapo_matches_the_release_on_the_same_batch_and_differs_only_past_its_overflow():
+    """On a random batch the release's loss and ours agree. When the exponent z·μ passes fp32's exp range (here
+    μ = 90, z = 1.16 for the first pair: e^104) the release's loss is inf; ours caps the exponent at 50 and stays
+    finite, with the same gradient (the margin is detached: ∂loss/∂Δ̄ = −β·σ(M − βΔ̄) = −β for both)."""
+    b = rand_batch(B=6, seed=21)
+    ours = run("amapo", b, beta=2.5)[0]
+    assert close(ours, release_amapo(b["pc"] / b["lc"], b["pr"] / b["lr"], 2.5))
+    gaps = torch.tensor([0.0, 60.0, 120.0, 180.0], dtype=torch.float32)
+    ones = torch.ones(4, dtype=torch.float32)
+    x1, x2 = (-gaps).requires_grad_(), (-gaps).clone().requires_grad_()
+    theirs = release_amapo(ones * 0, x1, 1.0)  # chosen A = 0, rejected A = −gap: Δ̄ = gap
+    batch = {"chosen_logps": ones * 0, "rejected_logps": x2, "chosen_lens": ones, "rejected_lens": ones}
+    out, m = compute("amapo", batch, {"beta": 1.0})
+    assert math.isinf(theirs[0].item()) and torch.isfinite(out).all()
+    assert close(out[1:], theirs[1:].detach())
+    g_theirs, g_ours = torch.autograd.grad(theirs.sum(), x1)[0], torch.autograd.grad(out.sum(), x2)[0]
+    assert close(g_ours, g_theirs) and close(g_ours[0], 1.0)
+    assert close(m["amapo/loss_without_margin"][0], F.softplus(-gaps).mean())
+
+
 def test_route_sends_difficult_pairs_to_sft_around_any_loss():
     """MIX routed around SimPO (β = 2, γ_r = ½), τ = ½: pair 0 (margin exactly τ) is easy: SimPO on it alone,
     A_w − A_l = −2/3 + 7/5 = 11/15 ⇒ softplus(−(2·11/15 − 1)) = softplus(−7/15), rewards β·A = (−4/3, −14/5); pairs
@@ -772,7 +860,7 @@ def test_identities():
         assert close(L("amapo", adaptive=False, amapo_form=form),
                      L("amapo", zscore=False, exp_scaling=False, amapo_form=form))
     assert close(L("amapo", beta=1.0, amapo_form="paper"), L("amapo", beta=1.0))  # β = 1, μ > 0: the forms agree
-    assert close(L("margin_sigmoid", delta=0.0, label_smoothing=0.0, softplus_hinge=True),
+    assert close(L("margin_sigmoid", delta=0.0, label_smoothing=0.0, truncation="softplus"),
                  F.softplus(-F.logsigmoid(0.1 * z)))
     assert close(L("mixdpo", difficulty_threshold=-1e9), L("dpo", beta=0.01))
     assert close(L("mixdpo", difficulty_threshold=-1e9, difficulty="ref_margin"), L("dpo", beta=0.01))

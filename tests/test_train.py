@@ -263,6 +263,17 @@ def test_curriculum_ramps_only_margin_sigmoid_delta(tmp_path, cache_dir):
     assert first["100"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_held_out_evaluation_uses_the_delta_of_its_step(tmp_path, cache_dir):
+    """Evaluation at step s scores with the δ the training uses at s. With a learning rate too small to move fp32
+    weights the policy stays the reference (z = 0), so margin-sigmoid's held-out loss is exactly ln 2 − δ(s):
+    δ(s) = 0.2·s/4 at steps 0, 1, 2 (the last is the final evaluation). Evaluating with the unramped δ would read
+    ln 2 − 0.2 each time."""
+    out = demo(tmp_path, cache_dir, "--loss", "margin_sigmoid", "--delta", "0.2", "--curriculum-steps", "4",
+               "--max-steps", "2", "--eval-every", "1", "--lr", "1e-30")
+    evals = {h["step"]: h["eval_loss"] for h in out["history"] if "eval_loss" in h}
+    assert evals == pytest.approx({0: math.log(2), 1: math.log(2) - 0.05, 2: math.log(2) - 0.1}, abs=1e-5)
+
+
 def _step(model_dir, pairs, sizes, loss):
     """One train.train_step from a fresh copy of the model, with micro-batches of the given sizes."""
     model = train.CausalLM.from_pretrained(model_dir).train()
@@ -318,7 +329,7 @@ def test_cli_user_error_is_one_line_exit_2(cli, argv, names, tmp_path):
 def test_every_recipe_resolves_to_its_values_and_flags_override_it():
     """--recipe NAME sets each of its values (loss hyperparameters land in args.hparams); an explicit flag wins."""
     for name, recipe in recipes.RECIPES.items():
-        assert recipe["source"] and set(recipe["notes"]) <= set(recipe["args"]), name
+        assert recipe["source"] and set(recipe["sources"]) == set(recipe["args"]), name
         args = train.get_args(["--recipe", name])
         resolved = {**vars(args), **args.hparams}
         assert {k: resolved[k] for k in recipe["args"]} == recipe["args"], name
@@ -421,6 +432,46 @@ def test_mixdpo_two_stages_through_train_py(tmp_path, cache_dir, monkeypatch):
     assert [r["sft_fraction"] for r in out["history"]] == [0, 0.25, 1] * 2
     rows = [json.loads(line) for line in open(tmp_path / "routed" / "metrics.jsonl")]
     assert [r["sft_fraction"] for r in rows] == [0, 0.25, 1] * 2
+    seen.clear()  # MixDPO's Fig. 4a "DPO + sorted": the easy -> hard order with no routing, every pair DPO
+    out = demo(tmp_path / "sorted", cache_dir, "--loss", "dpo", "--order", "per-epoch", *common)
+    assert seen == per_epoch * 2 and not any("sft_fraction" in r for r in out["history"])
+
+
+def test_curriculum_ties_are_shuffled_per_epoch():
+    """Pairs with equal margins keep the easy -> hard order between groups, but within a tie their order is the seed's
+    shuffle: it differs between epochs (seeds) and is not the file order. (Left unshuffled, every epoch would train
+    the tied pairs in file order.)"""
+    pairs = _pairs([1.0] * 6 + [0.0] * 6)
+    orders = [data.curriculum_batches(pairs, 12, 0, epochs=1, order="per-epoch", seed=seed)[0] for seed in range(4)]
+    assert all(sorted(o[:6]) == list(range(6)) and sorted(o[6:]) == list(range(6, 12)) for o in orders)
+    assert len({tuple(o[:6]) for o in orders}) > 1 and len({tuple(o[6:]) for o in orders}) > 1
+    assert all(o != list(range(12)) for o in orders)
+    two_stage = [data.curriculum_batches(pairs, 6, 0, epochs=1, seed=seed)[0] for seed in range(4)]
+    assert len({tuple(o) for o in two_stage}) > 1 and all(sorted(o) == list(range(6)) for o in two_stage)
+
+
+def test_margin_sigmoid_flags_and_recipe_overrides_at_parse_time(capsys):
+    """Softplus_τ's temperature and the focal weight are options of margin_sigmoid (Yao §5.4.4); a flag the chosen
+    truncation does not use is refused, as is the δ curriculum with the focal weight (it has no δ). A recipe's loss
+    hyperparameters that another --loss does not take are dropped (MixDPO's Fig. 4a "DPO + sorted")."""
+    hp = train.get_args(["--loss", "margin_sigmoid", "--truncation", "softplus", "--softplus-temperature",
+                         "0.5"]).hparams
+    assert hp["truncation"] == "softplus" and hp["softplus_temperature"] == 0.5
+    hp = train.get_args(["--loss", "margin_sigmoid", "--truncation", "focal", "--focal-gamma", "3"]).hparams
+    assert hp["truncation"] == "focal" and hp["focal_gamma"] == 3.0
+    for argv, flag in [(["--truncation", "focal", "--delta", "0.2"], "--delta"),
+                       (["--softplus-temperature", "0.5"], "--softplus-temperature"),
+                       (["--truncation", "softplus", "--focal-gamma", "3"], "--focal-gamma"),
+                       (["--truncation", "focal", "--curriculum-steps", "5"], "--curriculum-steps"),
+                       (["--truncation", "huber"], "truncation"), (["--softplus-temperature", "0"], "temperature")]:
+        with pytest.raises(SystemExit):
+            train.get_args(["--loss", "margin_sigmoid", *argv])
+        assert flag in capsys.readouterr().err, argv
+    args = train.get_args(["--recipe", "mixdpo-mistral-7b-base", "--loss", "dpo", "--order", "per-epoch"])
+    assert args.hparams == {"beta": 0.01, "label_smoothing": 0.0} and args.route is None and args.order == "per-epoch"
+    with pytest.raises(SystemExit):  # typed by the user, it is still an error
+        train.get_args(["--loss", "dpo", "--difficulty-threshold", "1"])
+    assert train.get_args(["--loss", "lmpo", "--lmpo-stats-order", "paper"]).hparams["lmpo_stats_order"] == "paper"
 
 
 def test_mixdpo_flags_are_checked_at_parse_time():
@@ -437,7 +488,8 @@ def test_mixdpo_flags_are_checked_at_parse_time():
     assert args.hparams == {"beta": 2.0, "gamma_beta_ratio": 0.5}
     assert train.get_args(["--loss", "amapo", "--no-adaptive", "--amapo-form", "paper"]).hparams["adaptive"] is False
     assert train.get_args(["--loss", "lmpo", "--lmpo-margin-grad"]).hparams["lmpo_margin_grad"] is True
-    assert train.get_args(["--loss", "margin_sigmoid", "--softplus-hinge", "--delta", "0.8"]).hparams["delta"] == 0.8
+    args = train.get_args(["--loss", "margin_sigmoid", "--truncation", "softplus", "--delta", "0.8"])
+    assert args.hparams["delta"] == 0.8
 
 
 def test_adamw_with_its_state_allocated_up_front_steps_exactly_as_adamw():
