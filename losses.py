@@ -197,6 +197,33 @@ def amapo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
     return F.softplus(margin - beta * gap), (beta * aw).detach(), (beta * al).detach()
 
 
+# MixDPO's difficulty margin: difficulty -> (minuend, subtrahend), keys of a batch dict (Pang et al. 2026: "score";
+# "ref_margin", the reference's log-likelihood margin, is our reading of its implicit-reward-margin ablation)
+DIFFICULTY_KEYS = {"score": ("chosen_scores", "rejected_scores"),
+                   "ref_margin": ("ref_chosen_logps", "ref_rejected_logps")}
+
+
+def difficulty_margin(batch: dict[str, Tensor], difficulty: str) -> Tensor:
+    """MixDPO's difficulty margin of each pair, [B] in fp32 (float64 stays float64): batch[a] − batch[b] for
+    (a, b) = DIFFICULTY_KEYS[difficulty], the only keys read. ValueError for another difficulty or a NaN margin."""
+    if difficulty not in DIFFICULTY_KEYS:
+        raise ValueError(f"mixdpo: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
+    chosen, rejected = (batch[k] for k in DIFFICULTY_KEYS[difficulty])
+    dt = torch.promote_types(torch.promote_types(chosen.dtype, rejected.dtype), torch.float32)
+    margin = chosen.to(dt) - rejected.to(dt)
+    if torch.isnan(margin).any():
+        bad = torch.nonzero(torch.isnan(margin)).flatten().tolist()
+        raise ValueError(f"mixdpo: {' - '.join(DIFFICULTY_KEYS[difficulty])} is NaN for batch pair(s) {bad[:10]}; "
+                         "MixDPO routes by this margin, so the data must have it")
+    return margin
+
+
+def difficult(batch: dict[str, Tensor], *, difficulty_threshold: float, difficulty: str) -> Tensor:
+    """MixDPO's routing rule, for `mixdpo` and `compute(route=...)`: [B] bool, True for a difficult pair, whose
+    `difficulty_margin` is < τ = difficulty_threshold (a margin of exactly τ is easy)."""
+    return difficulty_margin(batch, difficulty) < difficulty_threshold
+
+
 def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
            chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.01, difficulty_threshold: float = 0.5,
            difficulty: str = "score", sft_ref: bool = False, chosen_scores: Tensor, rejected_scores: Tensor,
@@ -212,15 +239,9 @@ def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tenso
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
-    if difficulty not in ("score", "ref_margin"):
-        raise ValueError(f"mixdpo: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
-    margin = (chosen_scores.to(dt) - rejected_scores.to(dt) if difficulty == "score"
-              else ref_chosen_logps.to(dt) - ref_rejected_logps.to(dt))
-    if torch.isnan(margin).any():
-        bad = torch.nonzero(torch.isnan(margin)).flatten().tolist()
-        raise ValueError(f"mixdpo: chosen_scores/rejected_scores are NaN for batch pair(s) {bad[:10]}; "
-                         "MixDPO routes by annotation scores, so the data must have them")
-    hard = margin < difficulty_threshold
+    batch = {"chosen_scores": chosen_scores, "rejected_scores": rejected_scores, "ref_chosen_logps": ref_chosen_logps,
+            "ref_rejected_logps": ref_rejected_logps}
+    hard = difficult(batch, difficulty_threshold=difficulty_threshold, difficulty=difficulty)
     nll = -chosen_logps.to(dt) * hard.sum() / (chosen_lens.to(dt) * hard).sum().clamp_min(1.0)
     sft = -F.logsigmoid(beta * dw) if sft_ref else nll
     losses = torch.where(hard, sft, -F.logsigmoid(beta * (dw - dl)))
@@ -679,19 +700,6 @@ def defaults(key: str) -> dict[str, object]:
     """{hyperparameter: paper default} of LOSSES[key]: keyword-only arguments with defaults, minus RUNTIME_KWARGS."""
     return {n: p.default for n, p in inspect.signature(get_loss(key)).parameters.items()
             if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and n not in RUNTIME_KWARGS}
-
-
-def difficult(batch: dict[str, Tensor], *, difficulty_threshold: float, difficulty: str) -> Tensor:
-    """MixDPO's routing rule (the same as `mixdpo`'s): [B] bool, True for a pair whose margin is < τ (a margin of
-    exactly τ is easy); margin = "chosen_scores" − "rejected_scores" (difficulty "score") or "ref_chosen_logps" −
-    "ref_rejected_logps" ("ref_margin"). NaN scores raise ValueError."""
-    if difficulty not in ("score", "ref_margin"):
-        raise ValueError(f"MixDPO routing: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
-    margin = (batch["chosen_scores"] - batch["rejected_scores"] if difficulty == "score"
-              else batch["ref_chosen_logps"] - batch["ref_rejected_logps"])
-    if torch.isnan(margin).any():
-        raise ValueError("MixDPO routing: chosen_scores/rejected_scores are NaN for some pairs; the data needs them")
-    return margin < difficulty_threshold
 
 
 def compute(key: str, batch: dict[str, Tensor], hparams: dict | None = None, *, state: dict | None = None,

@@ -738,6 +738,25 @@ def test_mixdpo_ref_margin_is_the_reference_log_likelihood_margin():
     assert close(out, [sp(3.0), 1.0, sp(1.0)])
 
 
+def test_difficulty_margin_is_the_one_rule():
+    """`difficulty_margin` (what `difficult`, hence `mixdpo` and `route=`, and the data order use) reads only the two
+    keys of its difficulty: s_w − s_l = 5 − 4.5 = ½ (exactly τ: easy) and 4 − 4.5 = −½ (difficult); the reference
+    margin −1 − (−3) = 2. In fp32 for fp16 input; NaN names the pair, in the loss and routed alike."""
+    scores = {"chosen_scores": torch.tensor([5.0, 4.0], dtype=torch.float16),
+              "rejected_scores": torch.tensor([4.5, 4.5], dtype=torch.float16)}
+    margin = losses.difficulty_margin(scores, "score")
+    assert margin.dtype == torch.float32 and margin.tolist() == [0.5, -0.5]
+    assert losses.difficult(scores, difficulty_threshold=0.5, difficulty="score").tolist() == [False, True]
+    refs = {"ref_chosen_logps": torch.tensor([-1.0]), "ref_rejected_logps": torch.tensor([-3.0])}
+    assert losses.difficulty_margin(refs, "ref_margin").tolist() == [2.0]
+    with pytest.raises(ValueError, match="difficulty='rating'"):
+        losses.difficulty_margin(scores, "rating")
+    b = make(P1, P2, sw=[5.0, float("nan")], sl=[3.0, 3.0])
+    route = dict(difficulty_threshold=0.5, difficulty="score")
+    for call in (lambda: run("mixdpo", b), lambda: compute("dpo", as_batch(b), route=route)):
+        with pytest.raises(ValueError, match=r"mixdpo: chosen_scores - rejected_scores is NaN .*\[1\]"):
+            call()
+
 
 def release_amapo(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float) -> torch.Tensor:
     """AMaPO's released amapo_loss (scripts/amapo_trainer.py, loss_type "sigmoid", label_smoothing 0), transcribed
