@@ -1,22 +1,35 @@
-"""Preference losses: one pure function per method, the registry `LOSSES`, and the helpers `defaults`, `compute`.
+"""Preference losses: one pure function per method, the registry `LOSSES`, the helpers `defaults`, `compute`, and
+MixDPO's routing rule `difficult`.
 
-Every loss has the same call, on 1-D tensors of length B (one entry per preference pair):
+Each loss's docstring gives its formula, its source (paper, equation or section) and where we depart from them;
+the catalogue with defaults and every deviation is LOSSES.md. What every loss shares is stated here, once.
+Notation: a pair (x, y_w, y_l) of a prompt, its chosen and its rejected answer; |y| the number of completion tokens of
+y; S(y) the policy's log-probability of y SUMMED over its completion tokens (not a mean), S_ref(y) the frozen
+reference's; A = S/|y|, A_ref = S_ref/|y|; Δ = S − S_ref (Δ_w, Δ_l); z = Δ_w − Δ_l, the DPO logit; s_w, s_l annotation
+scores; σ the logistic sigmoid, softplus(u) = −log σ(−u); sg[·] stop-gradient (detach); β = `beta`. A loss's own symbols
+are named where it uses them (e.g. ε = label_smoothing).
+The call, the same for every loss:
     losses, chosen_rewards, rejected_rewards = fn(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lens, rejected_lens,
         *, <hyperparameters>, [chosen_scores, rejected_scores], [state], [gather], metrics=None)
-Log-probs are summed over completion tokens (policy, then frozen reference: None is accepted outside NEEDS_REF);
-lens are completion token counts >= 1. Conventions:
-    * math in fp32 whatever the input dtype (float64 stays float64, for gradcheck); rewards are detached;
-    * losses are per pair and the batch loss is always their mean (a loss whose batch value is not a mean of
-      per-pair terms weights its pairs so that it is);
-    * keyword-only arguments with defaults are hyperparameters (paper defaults: `defaults(key)`); the others are
-      run-time inputs (RUNTIME_KWARGS): scores (keys in NEEDS_SCORES); `state`, a dict of running statistics that
-      the caller owns, passes every step and checkpoints (STATEFUL); `gather`, a callable concatenating a detached
-      tensor over DDP ranks (GATHERS); `metrics`, None or a dict every loss fills with its extra detached 0-d
-      tensors named "<key>/<what>".
+    * the six positional arguments: [B] tensors, one entry per pair: S(y_w), S(y_l), S_ref(y_w), S_ref(y_l) and
+      the token counts |y_w|, |y_l| >= 1; a loss ignores those its formula lacks; the reference-free keys
+      (REFERENCE_FREE) accept None for S_ref;
+    * math in fp32 whatever the input dtype (float64 stays float64, for gradcheck);
+    * returns the triple ([B] losses, [B] chosen rewards, [B] rejected rewards); the batch loss is always the mean
+      of `losses` (a loss whose batch value is not a mean of per-pair terms scales its entries so that it is;
+      `aot`'s and `aot_unpaired`'s entries are per sorted rank); the rewards are detached, for logging: β·Δ_w,
+      β·Δ_l, or for the reference-free keys β·A_w, β·A_l (A_w, A_l for `slic`, `orpo`, `sft`, which have no β);
+    * keyword-only arguments with defaults are hyperparameters, defaulting to the paper's value (`defaults(key)`);
+      the others are run-time inputs (RUNTIME_KWARGS): `chosen_scores`, `rejected_scores` (keys in NEEDS_SCORES),
+      [B] s_w, s_l; `state` (STATEFUL), a dict of running statistics that the caller owns: {} at the first step,
+      then the same dict every step, checkpointed, and a copy when evaluating (each call is one update); `gather`
+      (GATHERS), None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks, so
+      that batch statistics cover the global batch; `metrics`, None or a dict every loss fills with its extra
+      detached 0-d tensors named "<key>/<what>";
+    * a bad hyperparameter or input raises ValueError naming the loss.
 `compute(key, batch, hparams)` runs a key on a batch dict and adds TRL-named per-pair metrics; `route=` wraps any key
-in MixDPO's routing (difficult pairs get SFT).
-The catalogue with sources and deviations: LOSSES.md.
+in MixDPO's routing (the pairs `difficult` flags get SFT).
 """
 import inspect
 import math
@@ -36,16 +49,9 @@ def apo_hinge_zero(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logp
                    metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """APO-hinge-zero: hinged anchored rewards (Yao et al. 2025, arXiv 2508.08466, Eq. 11).
 
-    loss = max(0, m − βΔ_w) + max(0, m + βΔ_l), Δ = S − S_ref; equals 2m at Δ = 0.
-    The paper's r_θ already contains β and Eq. 11 multiplies by β again; we read it as one β (the report's §5.2
-    defines r without β; the method is TRL's apo_zero with its sigmoids replaced by hinges). The gradient is
-    exactly 0 once Δ_w ≥ m/β and Δ_l ≤ −m/β.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β, scale of the log-ratios (0.1). margin: m, the hinge margin (1.0).
-        metrics: None or a dict; receives "apo_hinge_zero/active_chosen", "apo_hinge_zero/active_rejected".
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = max(0, m − βΔ_w) + max(0, m + βΔ_l), m = margin; 2m at Δ = 0, gradient exactly 0 once Δ_w ≥ m/β and
+    Δ_l ≤ −m/β. Eq. 11 multiplies by β a reward r_θ that already contains β: we apply β once (the report's §5.2 defines
+    r without β; the method is TRL's apo_zero with its sigmoids replaced by hinges).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -61,13 +67,8 @@ def apo_hinge_softplus(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_
                        margin: float = 1.0, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """APO-hinge-softplus: the smooth hinge on anchored rewards (Yao et al. 2025, arXiv 2508.08466, Eq. 12).
 
-    loss = softplus(m − βΔ_w) + softplus(m + βΔ_l), Δ = S − S_ref.
-    The paper does not report β (the authors say theirs was "too high"); β = 0.1 is our choice.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β, scale of the log-ratios (0.1). margin: m (1.0). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = softplus(m − βΔ_w) + softplus(m + βΔ_l), m = margin. The paper does not report β (the authors say theirs
+    was "too high"); β = 0.1 is our choice.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -81,18 +82,13 @@ def margin_sigmoid(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logp
                    focal_gamma: float = 2.0, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Margin-sigmoid: cDPO's two terms, each clipped at δ (Yao et al. 2025, arXiv 2508.08466, §3.1).
 
-    loss = (1−ε)·h(ℓ⁺ − δ) + ε·h(ℓ⁻ − δ), ℓ± = −log σ(±βz), z = Δ_w − Δ_l, Δ = S − S_ref. `truncation`: "relu"
-    h(u) = max(0, u), §3.1's, the form of the reported numbers (δ must be in [0, ln 2): at step 0 both ℓ± = ln 2, so
-    a larger δ never gives a gradient; ValueError); "softplus" h(u) = τ·log(1 + e^{u/τ}), §5.4.4's Softplus_τ
-    (τ = `softplus_temperature`; any δ ≥ 0); "focal": §5.4.4's focal-style weight instead of the clip,
-    (1−ε)·w(ℓ⁺)·ℓ⁺ + ε·w(ℓ⁻)·ℓ⁻, w(ℓ) = (1 − e^{−ℓ})^γ (γ = `focal_gamma`, δ unused; the weight keeps its
-    gradient, as in focal loss). §5.4.4 gives neither τ nor γ: 1 (plain softplus) and 2 (Lin et al. 2017's focal
-    loss) are ours; so are δ = ε = 0.1 (§3.1 says only "small"). δ = ε = 0 with "relu" is DPO. The δ curriculum
-    (§5.4.4) is the caller's: it passes a ramped `delta` per step. Metric "margin_sigmoid/active_fraction": ℓ⁺ > δ.
-    Args:
-        the six tensors: as every loss (module docstring). beta, delta, label_smoothing, truncation,
-        softplus_temperature, focal_gamma: as above. metrics: None or a dict (the active fraction).
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = (1−ε)·h(ℓ⁺ − δ) + ε·h(ℓ⁻ − δ), ℓ± = −log σ(±βz), δ = delta, ε = label_smoothing, h by `truncation`:
+    "relu" max(0, u), §3.1's, the form of the reported numbers (δ must be in [0, ln 2): at step 0 both ℓ± = ln 2, so
+    a larger δ never gives a gradient; ValueError); "softplus" τ·log(1 + e^{u/τ}), §5.4.4's Softplus_τ
+    (τ = softplus_temperature; any δ ≥ 0); "focal", §5.4.4's focal-style weight instead of the clip:
+    (1−ε)·w(ℓ⁺)·ℓ⁺ + ε·w(ℓ⁻)·ℓ⁻, w(ℓ) = (1 − e^{−ℓ})^γ (γ = focal_gamma, δ unused; w keeps its gradient, as in focal
+    loss). Ours: τ = 1, γ = 2 (§5.4.4 gives neither; Lin et al. 2017's focal γ), δ = ε = 0.1 (§3.1: "small").
+    δ = ε = 0 with "relu" is DPO. The δ curriculum (§5.4.4) is the caller's: it passes a ramped `delta` per step.
     """
     if truncation not in ("relu", "softplus", "focal"):
         raise ValueError(f"margin_sigmoid: truncation={truncation!r} must be 'relu', 'softplus' or 'focal'")
@@ -121,24 +117,18 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
          metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """LMPO, Length-controlled Margin-based PO without a reference (Li, Xia, Chang, Wu 2025, Eq. 6-11).
 
-    loss = softplus(β·γ_r − g), g = β(A_w − A_l) − λ·sg[(m − a)/max(b, 1e-6)], A = S/|y|: Eq. 11 with home
-    advantage h = exp(β·γ_r), written stably. sg = detach, as in the release; `lmpo_margin_grad=True` drops it, as
-    App. A differentiates (a, b constant). p(y) = exp(A(y)·L̄/|y|), L̄ = (|y_w|+|y_l|)/2 (Eq. 8; off: p = exp(A)).
-    m = (1 − p_w)·f(p_w − p_l) (Eq. 7), f by `margin_fn` (Table 2, formulas in the text after it): "pow" 1 − d^k
-    (k = 5; 3 = "cube"), "log" log((1−d)/(1+d))/margin_alpha + ½, "sigmoid" σ(−d/margin_temperature); neither the
-    paper nor the release (no ablation code) gives α or the temperature: 5 and 0.1 are ours. The release's ½ on m cancels in the
-    z-score: dropped. a, b: running mean and std of m (batch over all ranks
-    via `gather`, unbiased std), a ← d·a + (1−d)·mean, b likewise; the first call sets them to the batch's (the
-    release never initialises them). `lmpo_stats_order`: "release" updates a, b and then normalises with them (the
-    release's order, the code behind the reported numbers); "paper" normalises with the previous a, b and then
-    updates them (App. A, Eq. 20-22). `state`: {} at the first step, then the same dict (a copy when evaluating).
-    Metrics "lmpo/a", "lmpo/b" (after the update), "lmpo/margin" (mean m). Over 30 lines: the ablation switches.
-    Args:
-        the six tensors: as every loss (module docstring; ref_* unused, may be None). beta, gamma_beta_ratio,
-        margin_weight, margin_power, decay, margin_fn, margin_alpha, margin_temperature, zscore, avg_length_norm,
-        lmpo_margin_grad, lmpo_stats_order: as above (γ_r, λ, k, d). state: the running statistics. gather: None
-        or a callable concatenating a detached 1-D tensor over DDP ranks. metrics: None or a dict.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·A_w, β·A_l, detached.
+    loss = softplus(β·γ_r − g), g = β(A_w − A_l) − λ·sg[(m − a)/max(b, 1e-6)] (Eq. 11, its home advantage
+    h = exp(β·γ_r) written stably), γ_r = gamma_beta_ratio, λ = margin_weight. m = (1 − p_w)·f(p_w − p_l) (Eq. 7),
+    p(y) = exp(A(y)·L̄/|y|), L̄ = (|y_w| + |y_l|)/2 (Eq. 8; avg_length_norm=False: p = exp(A)). f by margin_fn
+    (Table 2, formulas in the text after it): "pow" 1 − d^k (k = margin_power; 3 = "cube"), "log"
+    log((1−d)/(1+d))/α + ½ (α = margin_alpha), "sigmoid" σ(−d/T) (T = margin_temperature); neither the paper nor
+    the release (no ablation code) gives α or T: 5 and 0.1 are ours. The release's ½ on m cancels in the z-score:
+    dropped. a, b (zscore=False: the term is m itself): running mean and unbiased std of m over the batch of all
+    ranks, x ← d·x + (1−d)·batch value (d = decay); the first call sets them to the batch's (the release never
+    initialises them). Release vs paper, the release's by default (the code behind the reported numbers): sg as the
+    release (lmpo_margin_grad=True drops it, as App. A differentiates, a, b constant); lmpo_stats_order "release"
+    updates a, b, then normalises with them, "paper" normalises with the previous a, b, then updates (App. A,
+    Eq. 20-22).
     """
     shapes = {"pow": lambda d: 1 - d ** margin_power, "sigmoid": lambda d: torch.sigmoid(-d / margin_temperature),
               "log": lambda d: torch.log(((1 - d) / 2 + 1e-8) / ((1 + d) / 2 + 1e-8)) / margin_alpha + 0.5}
@@ -148,11 +138,11 @@ def lmpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
     if lmpo_stats_order not in ("release", "paper"):
         raise ValueError(f"lmpo: lmpo_stats_order={lmpo_stats_order!r} must be 'release' or 'paper'")
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
-    lc, lr = chosen_lens.to(dt), rejected_lens.to(dt)
-    aw, al = chosen_logps.to(dt) / lc, rejected_logps.to(dt) / lr
-    mid = (lc + lr) / 2
-    pw = torch.exp(aw * mid / lc if avg_length_norm else aw)
-    pl = torch.exp(al * mid / lr if avg_length_norm else al)
+    len_w, len_l = chosen_lens.to(dt), rejected_lens.to(dt)
+    aw, al = chosen_logps.to(dt) / len_w, rejected_logps.to(dt) / len_l
+    mid = (len_w + len_l) / 2
+    pw = torch.exp(aw * mid / len_w if avg_length_norm else aw)
+    pl = torch.exp(al * mid / len_l if avg_length_norm else al)
     m = (1 - pw) * shapes[margin_fn](pw - pl)
     with torch.no_grad():
         mg = m.detach() if gather is None else gather(m.detach())
@@ -177,21 +167,14 @@ def amapo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
           metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """AMaPO, Adaptive Margin-attached PO (Deng, Feng, Lei 2025, arXiv 2511.09385): its released code or its paper.
 
-    loss = −log σ(βΔ̄ − sg[M]), sg = detach, Δ̄ = A_w − A_l, A = S/|y| (no reference). On a statistic r over the
-    batch (all ranks via `gather`): μ = mean r, s = unbiased std r, z_i = (μ − r_i)/s, γ_i = z_i·μ.
-    `amapo_form="release"` (scripts/amapo_trainer.py, the code of the reported numbers): r = Δ̄, M_i = β·e^{γ_i} if
-    Δ̄_i < μ else 0. `"paper"` (its method section): r = βΔ̄, M_i = β·e^{γ_i} if γ_i > 0 else 0. Ablations (the
-    paper's table): zscore=False ⇒ z_i = μ − r_i; exp_scaling=False ⇒ M_i = β·max(γ_i, 0); adaptive=False ⇒ both;
-    zero_margin=False ⇒ no gate. Scale: γ grows with μ, so once the policy separates the pairs M (and the loss,
-    ≈ M − βΔ̄) can reach 1e8 and more, as in the release; the gradient does not (sg[M]: ∂loss/∂Δ̄ = −β·σ(M − βΔ̄),
-    at most β). Guards the release lacks: B < 2 or s < 1e-6 ⇒ M = 0; the exponent is capped at 50 (fp32's exp
-    overflows past 88: the release's loss turns inf there, with the same gradient). Metrics "amapo/margin" (mean
-    M), "amapo/margin_pos_fraction" (M > 0), "amapo/loss_without_margin" (mean −log σ(βΔ̄): the readable curve).
-    Args:
-        the six tensors: as every loss (module docstring; ref_* unused, may be None). beta, amapo_form, zscore,
-        exp_scaling, adaptive, zero_margin: as above. gather: None or a callable concatenating a detached 1-D tensor
-        over DDP ranks. metrics: None or a dict.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·A_w, β·A_l, detached.
+    loss = −log σ(βΔ̄ − sg[M]), Δ̄ = A_w − A_l. On a statistic r over the batch of all ranks: μ = mean r, s = unbiased
+    std r, z_i = (μ − r_i)/s, γ_i = z_i·μ. amapo_form="release" (scripts/amapo_trainer.py, the code of the reported
+    numbers): r = Δ̄, M_i = β·e^{γ_i} if Δ̄_i < μ else 0; "paper" (its method section): r = βΔ̄, M_i = β·e^{γ_i} if
+    γ_i > 0 else 0. The paper's ablation rows: zscore=False ⇒ z_i = μ − r_i; exp_scaling=False ⇒ M_i = β·max(γ_i, 0);
+    adaptive=False ⇒ both; zero_margin=False ⇒ no gate. Scale: γ grows with μ, so M (and the loss, ≈ M − βΔ̄) can
+    reach 1e8 and more once the policy separates the pairs, as in the release; the gradient cannot (at most β). Guards
+    the release lacks: B < 2 or s < 1e-6 ⇒ M = 0; the exponent capped at 50 (fp32's exp overflows past 88: the
+    release's loss turns inf there, with the same gradient). The readable curve: metric "amapo/loss_without_margin".
     """
     if amapo_form not in ("release", "paper"):
         raise ValueError(f"amapo: amapo_form={amapo_form!r} must be 'release' or 'paper'")
@@ -204,14 +187,41 @@ def amapo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
         mu, sd = g.mean(), g.std() if g.numel() > 1 else g.new_zeros(())
         z = (mu - r) / sd.clamp_min(1e-6) if zscore and adaptive else mu - r
         gam = z * mu
-        big = beta * torch.exp(gam.clamp(max=50.0)) if exp_scaling and adaptive else beta * gam.clamp_min(0.0)
+        margin = beta * torch.exp(gam.clamp(max=50.0)) if exp_scaling and adaptive else beta * gam.clamp_min(0.0)
         gate = r < mu if amapo_form == "release" else gam > 0
-        big = torch.where(gate | (not zero_margin), big, 0.0)
-        big = torch.where(sd >= 1e-6, big, 0.0)
+        margin = torch.where(gate | (not zero_margin), margin, 0.0)
+        margin = torch.where(sd >= 1e-6, margin, 0.0)
     if metrics is not None:
-        metrics.update({"amapo/margin": big.mean(), "amapo/margin_pos_fraction": (big > 0).float().mean(),
+        metrics.update({"amapo/margin": margin.mean(), "amapo/margin_pos_fraction": (margin > 0).float().mean(),
                         "amapo/loss_without_margin": F.softplus(-beta * gap).mean().detach()})
-    return F.softplus(big - beta * gap), (beta * aw).detach(), (beta * al).detach()
+    return F.softplus(margin - beta * gap), (beta * aw).detach(), (beta * al).detach()
+
+
+# MixDPO's difficulty margin: difficulty -> (minuend, subtrahend), keys of a batch dict (Pang et al. 2026: "score";
+# "ref_margin", the reference's log-likelihood margin, is our reading of its implicit-reward-margin ablation)
+DIFFICULTY_KEYS = {"score": ("chosen_scores", "rejected_scores"),
+                   "ref_margin": ("ref_chosen_logps", "ref_rejected_logps")}
+
+
+def difficulty_margin(batch: dict[str, Tensor], difficulty: str) -> Tensor:
+    """MixDPO's difficulty margin of each pair, [B] in fp32 (float64 stays float64): batch[a] − batch[b] for
+    (a, b) = DIFFICULTY_KEYS[difficulty], the only keys read. ValueError for another difficulty or a NaN margin."""
+    if difficulty not in DIFFICULTY_KEYS:
+        raise ValueError(f"mixdpo: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
+    chosen, rejected = (batch[k] for k in DIFFICULTY_KEYS[difficulty])
+    dt = torch.promote_types(torch.promote_types(chosen.dtype, rejected.dtype), torch.float32)
+    margin = chosen.to(dt) - rejected.to(dt)
+    if torch.isnan(margin).any():
+        bad = torch.nonzero(torch.isnan(margin)).flatten().tolist()
+        raise ValueError(f"mixdpo: {' - '.join(DIFFICULTY_KEYS[difficulty])} is NaN for batch pair(s) {bad[:10]}; "
+                         "MixDPO routes by this margin, so the data must have it")
+    return margin
+
+
+def difficult(batch: dict[str, Tensor], *, difficulty_threshold: float, difficulty: str) -> Tensor:
+    """MixDPO's routing rule, for `mixdpo` and `compute(route=...)`: [B] bool, True for a difficult pair, whose
+    `difficulty_margin` is < τ = difficulty_threshold (a margin of exactly τ is easy)."""
+    return difficulty_margin(batch, difficulty) < difficulty_threshold
 
 
 def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -220,33 +230,18 @@ def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tenso
            metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """MixDPO: DPO on easy pairs, SFT on difficult ones (Pang et al. 2026, arXiv 2602.00954).
 
-    A pair is difficult when its margin is < τ (a margin exactly τ is easy): margin s_w − s_l of the annotation
-    scores (`difficulty="score"`, the paper's) or the reference's log-likelihood margin S_ref(y_w) − S_ref(y_l)
-    (`"ref_margin"`, its ablation). Easy pairs get DPO, −log σ(βz) (σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref);
-    difficult ones SFT on y_w with `sft`'s token mean inside their group, −S(y_w)·n_hard/Σ_hard|y_w| (so the batch
-    mean is (Σ_easy DPO + n_hard·token-mean NLL)/B), or with `sft_ref` the reference-anchored −log σ(βΔ_w) (the
-    "with reference" SFT row; the formula is our reading). All easy ⇒ `dpo`, all difficult ⇒ `sft`. The easy→hard
-    order is the data pipeline's job; this only routes. NaN scores raise ValueError.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
-        beta: β (0.01, the authors' and the Alignment Handbook's). difficulty_threshold: τ (0.5). difficulty: "score"
-        or "ref_margin" ("score"). sft_ref: anchored SFT on difficult pairs (False).
-        chosen_scores, rejected_scores: [B] annotation scores s_w, s_l (e.g. UltraFeedback ratings).
-        metrics: unused (compute reports the "sft_fraction" of every routed batch).
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l for all pairs, detached.
+    loss = −log σ(βz) on an easy pair; on a pair that `difficult` flags (margin < τ = difficulty_threshold;
+    difficulty="score" s_w − s_l, the paper's, or "ref_margin" S_ref(y_w) − S_ref(y_l), its ablation as we read it),
+    `sft`'s token mean within the difficult group, −S(y_w)·n_hard/Σ_hard|y_w| (the batch mean holds their token-mean
+    NLL), or with sft_ref the reference-anchored −log σ(βΔ_w) (our reading of the "with reference" row). All easy ⇒
+    `dpo`, all difficult ⇒ `sft`. β = 0.01 is the Alignment Handbook's (the paper text gives none). The easy → hard
+    order is the data pipeline's; this only routes.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
-    if difficulty not in ("score", "ref_margin"):
-        raise ValueError(f"mixdpo: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
-    margin = (chosen_scores.to(dt) - rejected_scores.to(dt) if difficulty == "score"
-              else ref_chosen_logps.to(dt) - ref_rejected_logps.to(dt))
-    if torch.isnan(margin).any():
-        bad = torch.nonzero(torch.isnan(margin)).flatten().tolist()
-        raise ValueError(f"mixdpo: chosen_scores/rejected_scores are NaN for batch pair(s) {bad[:10]}; "
-                         "MixDPO routes by annotation scores, so the data must have them")
-    hard = margin < difficulty_threshold
+    batch = {"chosen_scores": chosen_scores, "rejected_scores": rejected_scores, "ref_chosen_logps": ref_chosen_logps,
+            "ref_rejected_logps": ref_rejected_logps}
+    hard = difficult(batch, difficulty_threshold=difficulty_threshold, difficulty=difficulty)
     nll = -chosen_logps.to(dt) * hard.sum() / (chosen_lens.to(dt) * hard).sum().clamp_min(1.0)
     sft = -F.logsigmoid(beta * dw) if sft_ref else nll
     losses = torch.where(hard, sft, -F.logsigmoid(beta * (dw - dl)))
@@ -262,13 +257,7 @@ def dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """DPO, Direct Preference Optimization (Rafailov et al. 2023, Eq. 7); label_smoothing > 0 is cDPO.
 
-    loss = −(1−ε)·log σ(βz) − ε·log σ(−βz), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref; ε is cDPO's label
-    smoothing (Yao et al. 2025, Eq. 2). ln 2 at z = 0.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). label_smoothing: ε, the assumed probability that a label is wrong (0.0). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = −(1−ε)·log σ(βz) − ε·log σ(−βz), ε = label_smoothing (cDPO, Yao et al. 2025, Eq. 2); ln 2 at z = 0.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -282,13 +271,8 @@ def robust(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tenso
            metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Robust DPO, unbiased under a label-flip rate ε (Chowdhury, Kini, Natarajan 2024).
 
-    loss = [−(1−ε)·log σ(βz) + ε·log σ(−βz)] / (1 − 2ε), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref.
-    Unbounded below (as in the paper): it is an unbiased estimate, not a bound. ε = 0 is DPO.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). flip_rate: ε, the assumed label-flip probability, in [0, 0.5) (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = [−(1−ε)·log σ(βz) + ε·log σ(−βz)] / (1 − 2ε), ε = flip_rate in [0, 0.5). Unbounded below, as in the paper
+    (an unbiased estimate, not a bound). ε = 0 is DPO.
     """
     if not 0.0 <= flip_rate < 0.5:
         raise ValueError(f"robust: flip_rate={flip_rate} must be in [0, 0.5) (it is a label-flip probability)")
@@ -304,12 +288,7 @@ def hinge(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
           metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """DPO-hinge: the SLiC/RSO hinge on the DPO logit (Liu et al. 2024, RSO; Yao et al. 2025's α = 1).
 
-    loss = max(0, 1 − βz), z = Δ_w − Δ_l, Δ = S − S_ref; zero gradient once βz ≥ 1.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). metrics: None or a dict; receives "hinge/active_fraction" (pairs with βz < 1).
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = max(0, 1 − βz); zero gradient once βz ≥ 1.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -324,21 +303,16 @@ def slic(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
          nll_weight: float = 0.1, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SLiC-HF: rank-calibration hinge plus an NLL regulariser (Zhao et al. 2023).
 
-    loss = max(0, δ − S(y_w) + S(y_l)) − λ·S(y_w)/|y_w|: hinge on SUMMED log-probs (no reference), token-mean NLL.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        margin: δ, the hinge margin (1.0). nll_weight: λ, weight of the NLL term (0.1).
-        metrics: None or a dict; receives "slic/active_fraction" (pairs with an active hinge).
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards A = S/|y| (no β), detached.
+    loss = max(0, δ − S(y_w) + S(y_l)) − λ·A_w, δ = margin, λ = nll_weight: the hinge on SUMMED log-probs (no
+    reference), the NLL a token mean.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     pc, pr = chosen_logps.to(dt), rejected_logps.to(dt)
-    lc, lr = chosen_lens.to(dt), rejected_lens.to(dt)
+    len_w, len_l = chosen_lens.to(dt), rejected_lens.to(dt)
     h = margin - pc + pr
     if metrics is not None:
         metrics["slic/active_fraction"] = (h > 0).float().mean().detach()
-    return torch.relu(h) - nll_weight * pc / lc, (pc / lc).detach(), (pr / lr).detach()
+    return torch.relu(h) - nll_weight * pc / len_w, (pc / len_w).detach(), (pr / len_l).detach()
 
 
 def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -346,13 +320,8 @@ def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """IPO, Identity Preference Optimisation (Azar et al. 2023, Eq. 17), per-token normalised.
 
-    loss = (Δ_w/|y_w| − Δ_l/|y_l| − 1/(2β))², Δ = S − S_ref: the log-ratios are length-normalised, as the authors
-    confirmed (and TRL does). β is the paper's τ.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
-        beta: β, the paper's τ (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l (summed), detached.
+    loss = (Δ_w/|y_w| − Δ_l/|y_l| − 1/(2β))²; β is the paper's τ. The log-ratios are length-normalised, as the authors
+    confirmed (and TRL does); the rewards stay summed.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -365,13 +334,8 @@ def exo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """EXO, efficient exact optimisation: reverse KL to ε-smoothed labels (Ji et al. 2024, Eq. 16).
 
-    loss = q·(log q − log(1−ε)) + (1−q)·(log(1−q) − log ε), q = σ(βz), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref;
-    log q and log(1−q) = log σ(−βz) via logsigmoid. ε = 0 would make log ε infinite.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). label_smoothing: ε, the label's smoothing, in (0, 1) (1e-3). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = q·(log q − log(1−ε)) + (1−q)·(log(1−q) − log ε), q = σ(βz), ε = label_smoothing in (0, 1) (0 would make
+    log ε infinite); log q, log(1−q) = log σ(−βz) via logsigmoid.
     """
     if not 0.0 < label_smoothing < 1.0:
         raise ValueError(f"exo: label_smoothing={label_smoothing} must be in (0, 1); EXO's smoothed label needs "
@@ -390,12 +354,7 @@ def nca(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """NCA, Noise Contrastive Alignment, pairwise form (Chen et al. 2024).
 
-    loss = −log σ(βΔ_w) − ½·log σ(−βΔ_w) − ½·log σ(−βΔ_l), σ = sigmoid, Δ = S − S_ref.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = −log σ(βΔ_w) − ½·log σ(−βΔ_w) − ½·log σ(−βΔ_l).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -408,13 +367,8 @@ def bco(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """BCO, Binary Classifier Optimization, paired form (Jung et al. 2024).
 
-    loss = −log σ(βΔ_w) − log σ(−βΔ_l), σ = sigmoid, Δ = S − S_ref. The paper's running reward shift δ is
-    omitted (the pair form, as TRL's `bco_pair` without its running mean).
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = −log σ(βΔ_w) − log σ(−βΔ_l). The paper's running reward shift δ is omitted (the pair form, as TRL's
+    `bco_pair` without its running mean).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -427,12 +381,7 @@ def sppo_hard(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Te
               metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SPPO with hard labels: regress the log-ratios to ±1/(2β) (Wu et al. 2024, Self-Play PO).
 
-    loss = (Δ_w − 1/(2β))² + (Δ_l + 1/(2β))², Δ = S − S_ref (winner's probability taken as 1, loser's as 0, as TRL).
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = (Δ_w − 1/(2β))² + (Δ_l + 1/(2β))² (winner's probability taken as 1, loser's as 0, as TRL).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -445,15 +394,10 @@ def aot(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """AOT, Alignment via Optimal Transport, paired (Melnyk et al. 2024; Yao et al. 2025, Eq. 4-5).
 
-    d = sort(S_w − S_l) − sort(S_ref_w − S_ref_l) over the batch (ascending); loss_r = −(1−ε)·log σ(βd_r) −
-    ε·log σ(−βd_r), σ = sigmoid. losses[r] is the r-th sorted RANK, not pair r; their mean is the AOT loss. The
-    batch is this process's (sorting across ranks would need an all-gather with gradients). Needs B ≥ 2 (with one
-    pair it silently degenerates to DPO): ValueError otherwise.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). label_smoothing: ε, as cDPO's (0.0). metrics: unused.
-    Returns: (losses [B] per rank, chosen_rewards [B], rejected_rewards [B]); rewards β·(S − S_ref), detached.
+    loss_r = −(1−ε)·log σ(βd_r) − ε·log σ(−βd_r), d = sort(S_w − S_l) − sort(S_ref_w − S_ref_l) over the batch
+    (ascending), ε = label_smoothing: entry r is the r-th sorted RANK, not pair r; their mean is the AOT loss. The
+    batch is this process's (sorting across ranks would need an all-gather with gradients). B < 2 (where it silently
+    degenerates to DPO) raises ValueError.
     """
     if chosen_logps.shape[0] < 2:
         raise ValueError(f"aot: needs at least 2 pairs per batch (got {chosen_logps.shape[0]}); "
@@ -472,14 +416,8 @@ def aot_unpaired(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps:
                  metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """AOT unpaired: chosen log-ratios must dominate rejected ones in distribution (Melnyk et al. 2024).
 
-    d = sort(Δ_w) − sort(Δ_l) over the batch (ascending), Δ = S − S_ref; loss_r = −(1−ε)·log σ(βd_r) −
-    ε·log σ(−βd_r), σ = sigmoid. losses[r] is the r-th sorted rank; batch = this process's. Needs B ≥ 2 (our
-    choice, as `aot`: one pair is plain DPO).
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). label_smoothing: ε, as cDPO's (0.0). metrics: unused.
-    Returns: (losses [B] per rank, chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss_r = −(1−ε)·log σ(βd_r) − ε·log σ(−βd_r), d = sort(Δ_w) − sort(Δ_l) over the batch (ascending),
+    ε = label_smoothing; per sorted rank and this process's batch, B ≥ 2, as `aot` (one pair would be plain DPO).
     """
     if chosen_logps.shape[0] < 2:
         raise ValueError(f"aot_unpaired: needs at least 2 pairs per batch (got {chosen_logps.shape[0]}); "
@@ -496,12 +434,7 @@ def apo_zero(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
              metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """APO-zero, Anchored Preference Optimization (D'Oosterlinck et al. 2024, Eq. 7; Yao et al. 2025, Eq. 9).
 
-    loss = (1 − σ(βΔ_w)) + σ(βΔ_l), σ = sigmoid, Δ = S − S_ref: push the chosen up, the rejected down.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = (1 − σ(βΔ_w)) + σ(βΔ_l): push the chosen up, the rejected down.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -514,12 +447,7 @@ def apo_down(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
              metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """APO-down, Anchored Preference Optimization (D'Oosterlinck et al. 2024, Eq. 8).
 
-    loss = σ(βΔ_w) + (1 − σ(βz)), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref: push both down, the rejected more.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = σ(βΔ_w) + (1 − σ(βz)): push both down, the rejected more.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -532,13 +460,8 @@ def discopop(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
              metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """DiscoPOP, the discovered log-ratio-modulated loss (Chris Lu et al. 2024, Eq. 5).
 
-    loss = (1 − w)·(−log σ(u)) + w·exp(−u), u = βz, w = σ(u/τ), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref. exp's
-    argument is clamped at 50 (u ≥ −50): there w = σ(−50/τ) is 0 in fp32, so the value is unchanged, 0·inf avoided.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). tau: τ, temperature of the mixing weight w (0.05). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = (1 − w)·(−log σ(u)) + w·exp(−u), u = βz, w = σ(u/τ), τ = tau. exp's argument is clamped at 50 (u ≥ −50):
+    there w = σ(−50/τ) is 0 in fp32, so the value is unchanged and 0·inf avoided.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -553,12 +476,7 @@ def dpo_norm(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
              metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Length-normalised DPO (Tülu 3, Lambert et al. 2024).
 
-    loss = −log σ(β(Δ_w/|y_w| − Δ_l/|y_l|)), σ = sigmoid, Δ = S − S_ref: per-token log-ratios, hence the larger β.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
-        beta: β (2.0). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l (summed), detached.
+    loss = −log σ(β(Δ_w/|y_w| − Δ_l/|y_l|)): per-token log-ratios, hence the larger β; the rewards stay summed.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -571,14 +489,9 @@ def rdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
          metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """R-DPO, DPO with a length regulariser (Park et al. 2024).
 
-    loss = −log σ(βz + α(|y_w| − |y_l|)), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref. The sign is +: the optimum
-    of E[r − α|y|] − β·KL gives r = β·log(π/π_ref) + α|y| + const, so the length term absorbs the part of a
-    preference that length explains and the policy is not pushed to lengthen. α is not multiplied by β.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
-        beta: β (0.1). length_weight: α, weight of the length difference (0.01). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = −log σ(βz + α(|y_w| − |y_l|)), α = length_weight, not multiplied by β. The sign is +: the optimum of
+    E[r − α|y|] − β·KL gives r = β·log(π/π_ref) + α|y| + const, so the length term absorbs the part of a preference
+    that length explains and the policy is not pushed to lengthen.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -592,16 +505,8 @@ def odpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
          metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """ODPO, DPO with an offset (Amini, Vieira, Cotterell 2024), as its released code.
 
-    loss = −log σ(βz − α·log(s_w − s_l)), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref. Ties (s_w = s_l) would make
-    the offset −∞: they are masked to offset 0 (plain DPO). s_w < s_l or NaN scores raise ValueError naming the
-    batch positions.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). offset_scale: α, scale of the offset (1.0).
-        chosen_scores, rejected_scores: [B] annotation scores s_w ≥ s_l (e.g. UltraFeedback ratings).
-        metrics: None or a dict; receives "odpo/tie_fraction".
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = −log σ(βz − α·log(s_w − s_l)), α = offset_scale. Ties (s_w = s_l) would make the offset −∞: they get
+    offset 0 (plain DPO; metric "odpo/tie_fraction"). s_w < s_l or NaN scores raise ValueError naming the pairs.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     diff = chosen_scores.to(dt) - rejected_scores.to(dt)
@@ -622,26 +527,17 @@ def alpha_dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Te
               metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """α-DPO, adaptive reference-based margin (Wu et al. 2024, "α-DPO"), as its released code.
 
-    loss = −log σ(β(u − sg[α·ĝ + γ_r])), σ = sigmoid, sg = detach, u = A_w − A_l, g = u − (A_ref_w − A_ref_l),
-    A = S/|y|, A_ref = S_ref/|y|, ĝ = (g − mean)/max(std, 1e-6). Running mean and std: the first call sets them to
-    the batch's (all ranks via `gather`; std unbiased, 0 for one element), later calls do x ← d·x + (1−d)·batch
-    value; updated before use, as the release. The release starts both at 0 and divides 0/0 at step 0 (g ≡ 0
-    when policy = reference); we do not. α = 0 is SimPO. Rewards: the release logs β·(A − α(A − A_ref)).
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
-        beta: β (2.5). gamma_beta_ratio: γ_r = γ/β (0.3). alpha: α, weight of ĝ (0.1). decay: d (0.9).
-        state: the caller's dict, {} at the first step and the same dict afterwards (a copy when evaluating:
-            each call is one update); holds 0-d detached tensors "mean", "std" (floats are accepted back).
-        gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks.
-        metrics: None or a dict; receives "alpha_dpo/mean", "alpha_dpo/std".
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, Δ = S − S_ref, detached.
+    loss = −log σ(β(u − sg[α·ĝ + γ_r])), u = A_w − A_l, g = u − (A_ref_w − A_ref_l), ĝ = (g − mean)/max(std, 1e-6),
+    α = alpha, γ_r = gamma_beta_ratio. Running mean and unbiased std of g over the batch of all ranks (state "mean",
+    "std"): the first call sets them to the batch's, later calls x ← d·x + (1−d)·batch value (d = decay); updated
+    before use, as the release. The release starts both at 0 and divides 0/0 at step 0 (g ≡ 0 when policy =
+    reference); we do not. α = 0 is SimPO. Rewards β·Δ (the release logs β·(A − α(A − A_ref))).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
-    lc, lr = chosen_lens.to(dt), rejected_lens.to(dt)
-    u = chosen_logps.to(dt) / lc - rejected_logps.to(dt) / lr
+    len_w, len_l = chosen_lens.to(dt), rejected_lens.to(dt)
+    u = chosen_logps.to(dt) / len_w - rejected_logps.to(dt) / len_l
     with torch.no_grad():
-        g = u - (ref_chosen_logps.to(dt) / lc - ref_rejected_logps.to(dt) / lr)
+        g = u - (ref_chosen_logps.to(dt) / len_w - ref_rejected_logps.to(dt) / len_l)
         gg = g if gather is None else gather(g)
         mean, std = gg.mean(), gg.std() if gg.numel() > 1 else gg.new_zeros(())
         first = "mean" not in state
@@ -659,14 +555,8 @@ def focalpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tens
             detach_weight: bool = False, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """FocalPO, focal-style weighting of the DPO loss (Liu et al. 2025).
 
-    loss = −σ(βz)^γ · log σ(βz), σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref; σ^γ computed as exp(γ·log σ). The
-    weight is NOT detached (the paper's formula); `detach_weight=True` stops its gradient. γ = 0 is DPO.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). focal_gamma: γ, the focal exponent (0.05). detach_weight: stop σ^γ's gradient (False).
-        metrics: None or a dict; receives "focalpo/weight" (mean σ^γ).
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = −σ(βz)^γ · log σ(βz), γ = focal_gamma, σ^γ computed as exp(γ·log σ). The weight keeps its gradient (the
+    paper's formula); detach_weight=True stops it. γ = 0 is DPO.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -685,16 +575,9 @@ def kto(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
     """KTO, Kahneman-Tversky Optimization on paired data (Ethayarajh et al. 2024).
 
     loss = [λ_D·(1 − σ(β(Δ_w − z0))) + λ_U·(1 − σ(β(z0 − Δ_l)))] / 2 (halved: a mean over the 2B items),
-    σ = sigmoid, Δ = S − S_ref. z0 = sg[max(0, mean of the batch's 2B matched log-ratios Δ)] (sg = detach; all
-    ranks via `gather`): an approximation of KTO's KL estimate, which uses mismatched (x, y') pairs we do not
-    compute. Needs ≥ 2 pairs (over all ranks).
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: unused.
-        beta: β (0.1). desirable_weight: λ_D (1.0). undesirable_weight: λ_U (1.0) (TRL's names).
-        gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks.
-        metrics: None or a dict; receives "kto/kl" (z0).
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    λ_D = desirable_weight, λ_U = undesirable_weight (TRL's names). z0 = sg[max(0, mean of the 2B matched log-ratios
+    of the batch of all ranks)]: an approximation of KTO's KL estimate, whose mismatched (x, y') pairs we do not
+    compute. Fewer than 2 pairs (over all ranks) raise ValueError.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -716,12 +599,7 @@ def simpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
           gamma_beta_ratio: float = 0.5, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SimPO, Simple Preference Optimization (Meng, Xia, Chen 2024, Eq. 6).
 
-    loss = −log σ(β(A_w − A_l) − β·γ_r), σ = sigmoid, A = S/|y| (per-token, no reference); target margin γ = β·γ_r.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        beta: β (2.0). gamma_beta_ratio: γ_r = γ/β, the target margin over β (0.5). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·A_w, β·A_l, detached.
+    loss = −log σ(β(A_w − A_l) − β·γ_r), γ_r = gamma_beta_ratio: the target margin γ = β·γ_r.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     aw, al = chosen_logps.to(dt) / chosen_lens.to(dt), rejected_logps.to(dt) / rejected_lens.to(dt)
@@ -734,13 +612,8 @@ def cpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor |
         nll_weight: float = 1.0, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """CPO, Contrastive Preference Optimization (Xu et al. 2024).
 
-    loss = −log σ(β(S(y_w) − S(y_l))) − α·S(y_w)/|y_w|, σ = sigmoid: sigmoid on SUMMED log-probs without a
-    reference, plus the token-mean NLL of y_w. Rewards use A = S/|y| (TRL logs β·S).
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        beta: β (0.1). nll_weight: α, weight of the NLL term (TRL's cpo_alpha) (1.0). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·A_w, β·A_l, detached.
+    loss = −log σ(β(S(y_w) − S(y_l))) − α·A_w, α = nll_weight (TRL's cpo_alpha): the sigmoid on SUMMED log-probs
+    without a reference, plus the token-mean NLL of y_w. Rewards β·A (TRL logs β·S).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     pc, pr = chosen_logps.to(dt), rejected_logps.to(dt)
@@ -754,14 +627,9 @@ def orpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
          odds_ratio_weight: float = 0.1, metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """ORPO, Odds Ratio Preference Optimization (Hong, Lee, Thorne 2024).
 
-    loss = −A_w − λ·log σ(ℓ), σ = sigmoid, ℓ = (A_w − A_l) − (log(1 − e^{A_w}) − log(1 − e^{A_l})), A = S/|y|.
-    log(1 − e^x) by a stable log1mexp (log(−expm1 x) for x > −ln 2, else log1p(−e^x)); A is clamped to ≤ −1e-6
-    inside it (an average token probability of 1 would make the odds infinite).
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        odds_ratio_weight: λ, weight of the odds-ratio term (0.1). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards A_w, A_l (ORPO has no β), detached.
+    loss = −A_w − λ·log σ(ℓ), ℓ = (A_w − A_l) − (log(1 − e^{A_w}) − log(1 − e^{A_l})), λ = odds_ratio_weight.
+    log(1 − e^x) by a stable log1mexp (log(−expm1 x) for x > −ln 2, else log1p(−e^x)); A is clamped to ≤ −1e-6 inside
+    it (an average token probability of 1 would make the odds infinite).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     aw, al = chosen_logps.to(dt) / chosen_lens.to(dt), rejected_logps.to(dt) / rejected_lens.to(dt)
@@ -777,18 +645,12 @@ def sft(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor |
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SFT on the chosen answer, token-mean NLL (the Preferred-FT baseline of Rafailov et al. 2023, §6).
 
-    Batch loss Σ −S(y_w) / Σ |y_w| (a token mean over the batch). Since the caller averages per-pair losses, pair i
-    gets −S(y_w,i)·B / Σ|y_w|, whose mean is exactly that; for B = 1 it is −S/|y|.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        metrics: unused. No hyperparameters.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards A = S/|y| (no β), detached.
+    loss_i = −S(y_w,i)·B / Σ_j|y_w,j|, so that the batch mean is the token mean Σ −S(y_w) / Σ |y_w| (for B = 1, −A_w).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
-    pc, lc = chosen_logps.to(dt), chosen_lens.to(dt)
-    losses = -pc * (pc.shape[0] / lc.sum())
-    return losses, (pc / lc).detach(), (rejected_logps.to(dt) / rejected_lens.to(dt)).detach()
+    pc, len_w = chosen_logps.to(dt), chosen_lens.to(dt)
+    losses = -pc * (pc.shape[0] / len_w.sum())
+    return losses, (pc / len_w).detach(), (rejected_logps.to(dt) / rejected_lens.to(dt)).detach()
 
 
 def rpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -796,13 +658,7 @@ def rpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """RPO, DPO plus an NLL term on the chosen answer (Pang et al. 2024; Llama 3, Dubey et al. 2024).
 
-    loss = −log σ(βz) − α·S(y_w)/|y_w|, σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref: DPO on summed log-probs plus
-    the per-pair token-mean NLL of y_w.
-    Args:
-        chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
-        ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
-        beta: β (0.1). nll_weight: α, weight of the NLL term (1.0). metrics: unused.
-    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l, detached.
+    loss = −log σ(βz) − α·A_w, α = nll_weight: DPO on summed log-probs plus the per-pair token-mean NLL of y_w.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
@@ -844,19 +700,6 @@ def defaults(key: str) -> dict[str, object]:
     """{hyperparameter: paper default} of LOSSES[key]: keyword-only arguments with defaults, minus RUNTIME_KWARGS."""
     return {n: p.default for n, p in inspect.signature(get_loss(key)).parameters.items()
             if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and n not in RUNTIME_KWARGS}
-
-
-def difficult(batch: dict[str, Tensor], *, difficulty_threshold: float, difficulty: str) -> Tensor:
-    """MixDPO's routing rule (the same as `mixdpo`'s): [B] bool, True for a pair whose margin is < τ (a margin of
-    exactly τ is easy); margin = "chosen_scores" − "rejected_scores" (difficulty "score") or "ref_chosen_logps" −
-    "ref_rejected_logps" ("ref_margin"). NaN scores raise ValueError."""
-    if difficulty not in ("score", "ref_margin"):
-        raise ValueError(f"MixDPO routing: difficulty={difficulty!r} must be 'score' or 'ref_margin'")
-    margin = (batch["chosen_scores"] - batch["rejected_scores"] if difficulty == "score"
-              else batch["ref_chosen_logps"] - batch["ref_rejected_logps"])
-    if torch.isnan(margin).any():
-        raise ValueError("MixDPO routing: chosen_scores/rejected_scores are NaN for some pairs; the data needs them")
-    return margin < difficulty_threshold
 
 
 def compute(key: str, batch: dict[str, Tensor], hparams: dict | None = None, *, state: dict | None = None,

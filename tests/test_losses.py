@@ -738,6 +738,26 @@ def test_mixdpo_ref_margin_is_the_reference_log_likelihood_margin():
     assert close(out, [sp(3.0), 1.0, sp(1.0)])
 
 
+def test_difficulty_margin_is_the_one_rule():
+    """`difficulty_margin` (what `difficult`, hence `mixdpo` and `route=`, and the data order use) reads only the two
+    keys of its difficulty: s_w − s_l = 5 − 4.5 = ½ (exactly τ: easy) and 4 − 4.5 = −½ (difficult); the reference
+    margin −1 − (−3) = 2. In fp32 for fp16 input; NaN names the pair, in the loss and routed alike."""
+    scores = {"chosen_scores": torch.tensor([5.0, 4.0], dtype=torch.float16),
+              "rejected_scores": torch.tensor([4.5, 4.5], dtype=torch.float16)}
+    margin = losses.difficulty_margin(scores, "score")
+    assert margin.dtype == torch.float32 and margin.tolist() == [0.5, -0.5]
+    assert losses.difficult(scores, difficulty_threshold=0.5, difficulty="score").tolist() == [False, True]
+    refs = {"ref_chosen_logps": torch.tensor([-1.0]), "ref_rejected_logps": torch.tensor([-3.0])}
+    assert losses.difficulty_margin(refs, "ref_margin").tolist() == [2.0]
+    with pytest.raises(ValueError, match="difficulty='rating'"):
+        losses.difficulty_margin(scores, "rating")
+    b = make(P1, P2, sw=[5.0, float("nan")], sl=[3.0, 3.0])
+    route = dict(difficulty_threshold=0.5, difficulty="score")
+    for call in (lambda: run("mixdpo", b), lambda: compute("dpo", as_batch(b), route=route)):
+        with pytest.raises(ValueError, match=r"mixdpo: chosen_scores - rejected_scores is NaN .*\[1\]"):
+            call()
+
+
 def release_amapo(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float) -> torch.Tensor:
     """AMaPO's released amapo_loss (scripts/amapo_trainer.py, loss_type "sigmoid", label_smoothing 0), transcribed
     line by line: the oracle for `amapo_form="release"`. Its inputs are average log-probs (length_norm: true)."""
@@ -1050,11 +1070,19 @@ def test_registry():
     assert NEEDS_REF | NEEDS_SCORES | STATEFUL | GATHERS <= set(LOSSES)
     positional = ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lens",
                   "rejected_lens"]
+    shared = inspect.getdoc(losses) or ""  # the conventions every loss shares, stated once at the top of losses.py
+    assert all(n in shared for n in [*positional, *RUNTIME_KWARGS, "SUMMED", "[B] losses", "β = `beta`"]), shared
     for key, fn in LOSSES.items():
         doc = inspect.getdoc(fn) or ""
         first = doc.splitlines()[0] if doc else ""
         assert re.search(r"\(.*(\b(19|20)\d\d\b|arXiv).*\)", first), f"{key}: docstring must cite its source"
-        assert "\nArgs:\n" in doc and "\nReturns: (losses [B]" in doc and "[B]" in doc, f"{key}: Args/Returns"
+        assert re.search(r"^loss(_\w)? = ", doc, re.M), f"{key}: docstring must state its formula, 'loss = ...'"
+        assert not re.search(r"^\s*(Args|Arguments|Parameters|Returns?)\b.*:", doc, re.M) and "[B]" not in doc, \
+            f"{key}: the argument and return conventions are the module docstring's; don't repeat them"
+        assert all(re.search(rf"\b{n}\b", doc) for n in defaults(key) if n != "beta"), \
+            f"{key}: name each hyperparameter (but beta, β in the module docstring) beside its symbol"
+        assert len(inspect.getsourcelines(fn)[0]) <= (50 if key == "lmpo" else 36 if key == "amapo" else 30), \
+            f"{key}: over the ~30-line budget"  # lmpo, amapo: their paper/release ablation switches
         params = inspect.signature(fn).parameters
         assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional, key
         kw = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
@@ -1063,7 +1091,6 @@ def test_registry():
         assert ("chosen_scores" in kw) == ("rejected_scores" in kw) == (key in NEEDS_SCORES), key
         assert ("state" in kw) == (key in STATEFUL) and ("gather" in kw) == (key in GATHERS), key
         assert all(p.default is not p.empty for n, p in kw.items() if n not in RUNTIME_KWARGS), key
-        assert all(re.search(rf"\b{n}[:,]", doc) for n in kw), f"{key}: every keyword argument documented in Args"
         assert fn.__annotations__.get("return") is not None, key
 
 
