@@ -257,15 +257,23 @@ def run(cmd, env=None) -> str:
     if r.returncode:
         lines = [x.strip() for x in r.stderr.splitlines() if x.strip()] or ["no output"]
         cause = next((x for x in lines if re.search(r"(Error|Exception|error): ", x)), lines[-1])  # torchrun: rank's
-        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))}... exit {r.returncode}: {cause[:300]}")
+        raise RuntimeError(f"{' '.join(['python', *map(str, cmd[1:4])])} ...: exit {r.returncode}: {cause[:300]}")
     return r.stdout
 
 
 def demo_run(folder: Path, *flags, launch=None, env=None) -> tuple[list[dict], float]:
-    """train.py --demo (DPO, fp32, 4 steps, every row logged) in folder, in this process or under `launch`
-    (torchrun): (metrics rows, seconds)."""
+    """train.py --demo (DPO, fp32, 4 steps, every row logged) on the first 64 training and 16 held-out pairs of
+    demo/ (their reference caches are built in seconds) in folder, in this process or under `launch` (torchrun):
+    (metrics rows, seconds)."""
+    cache = Path(CACHE_DIR or folder.parent / "cache")
+    for split, n in (("train", 64), ("test", 16)):
+        if not (cache / f"{split}.jsonl").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            lines = (ROOT / "demo" / f"{split}.jsonl").read_text().splitlines(keepends=True)[:n]
+            (cache / f"{split}.jsonl").write_text("".join(lines))
     argv = ["--demo", "--loss", "dpo", "--dtype", "fp32", "--max-steps", "4", "--log-every", "1", "--out-dir",
-            str(folder), "--cache-dir", CACHE_DIR or str(folder.parent / "cache"), *flags]
+            str(folder), "--cache-dir", str(cache), "--data", str(cache / "train.jsonl"), "--eval-data",
+            str(cache / "test.jsonl"), *flags]
     t0 = time.perf_counter()
     train.main(argv) if launch is None else run([*launch, "train.py", *argv], env)
     return [json.loads(x) for x in open(folder / "metrics.jsonl")], time.perf_counter() - t0
@@ -273,13 +281,13 @@ def demo_run(folder: Path, *flags, launch=None, env=None) -> tuple[list[dict], f
 
 def check_compile(device):
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    ref, t_ref = demo_run(tmp / "eager", "--eval-split", "")  # first: it builds the demo model and cache
     with mock.patch.object(torch, "compile", functools.partial(torch.compile, backend=COMPILE_BACKEND)):
         rows, t = demo_run(tmp / "compiled", "--eval-split", "", "--compile")
         model = random_model(device, decisive=True).eval()
         prompts, limits = prompts_and_limits(device, 4)
         tokens = [generate.generate_ids(model, prompts, limits, batch_size=4, compile=c, progress=False)
                   for c in (True, False)]
-    ref, t_ref = demo_run(tmp / "eager", "--eval-split", "")
     e_loss = max(abs(a["loss"] - b) for a, b in zip(rows, reference([r["loss"] for r in ref]), strict=True))
     same = sum(a == b for a, b in zip(tokens[0], reference(tokens[1])))
     return (e_loss <= 1e-4 and same == len(prompts), {"train_max_loss_diff": e_loss, "decode_same_answers":
@@ -295,10 +303,13 @@ def check_fsdp2(device):
     keys = ("loss", "grad_norm", "eval_loss", "eval_rewards/margins")
     errs = [abs(a[k] - reference(b[k])) / (abs(b[k]) + 1e-3) for a, b in zip(rows, ref, strict=True) for k in keys
             if k in b]
-    mine, theirs = (CausalLM.from_pretrained(tmp / r / "final") for r in ("fsdp", "one"))
-    e_w = max(rel(a, reference(b)) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
-    return (max(errs) <= 1e-3 and e_w <= 1e-3, {"ranks": n, "max_metric_rel_diff": max(errs), "final_weights_err":
-            e_w, "s": t}, {"one_process_s": t_ref}, t / t_ref)
+    init, mine, theirs = (CausalLM.from_pretrained(f).state_dict() for f in (
+        Path(CACHE_DIR or tmp / "cache") / "demo_init-seed42", tmp / "fsdp" / "final", tmp / "one" / "final"))
+    # Adam divides by sqrt(v): reduction-order rounding in near-zero gradients grows, but stays far below a step
+    moved = max((theirs[k] - init[k]).abs().max().item() for k in init)
+    differ = max((mine[k] - reference(theirs[k])).abs().max().item() for k in init) / moved
+    return (max(errs) <= 1e-3 and differ <= 0.05, {"ranks": n, "max_metric_rel_diff": max(errs),
+            "final_weights_diff/moved": differ, "s": t}, {"one_process_s": t_ref}, t / t_ref)
 
 
 def check_train_vs_trl(device):
@@ -311,11 +322,12 @@ def check_train_vs_trl(device):
     res = bench_train.workload_trl(bench_train.parse_args(["--device", device.type, "--engines", "ours", "trl",
                                                            *argv]))
     ours, trl = res["ours"], res["trl"]
-    spread = abs(ours["first"]["logps/chosen"] - reference(trl["first"]["logps/chosen"])) / abs(trl["first"]
-                                                                                                 ["logps/chosen"])
+    first = trl["first"]["logps/chosen"]
+    spread = abs(ours["first"]["logps/chosen"] - reference(first)) / abs(first)
     ln2 = all(abs(r["first"]["loss"] - math.log(2)) <= 1e-2 for r in (ours, trl))
-    fig = lambda r: {"pairs/s": r["pairs_per_s"], "MFU": r["mfu"], "peak_GiB": (r["peak_cuda"] or r["peak_last"])  # noqa
-                     / 2 ** 30}
+
+    def fig(r):  # peak: GPU memory allocated on CUDA, the process's peak RSS on the CPU
+        return {"pairs/s": r["pairs_per_s"], "MFU": r["mfu"], "peak_GiB": (r["peak_cuda"] or r["peak_last"]) / 2**30}
     return (ln2 and spread <= (2e-2 if cuda else 1e-4), {**fig(ours), "first_logps_rel_diff": spread},
             {"trl_" + k: v for k, v in fig(trl).items()}, ours["pairs_per_s"] / trl["pairs_per_s"])
 
@@ -361,9 +373,8 @@ def run_check(name: str, args, device: torch.device, left: float = math.inf) -> 
                          start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         out, err = p.communicate(timeout=budget)
-        last = (err.strip().splitlines() or ["no output"])[-1]  # a traceback's last line: the exception
-        row = json.loads(out.strip().splitlines()[-1]) if p.returncode == 0 else {"error": f"exit {p.returncode}: "
-                                                                                           f"{last[:400]}"}
+        last = (err.strip().splitlines() or [f"exit {p.returncode}, no output"])[-1]  # a traceback's: the error
+        row = json.loads(out.strip().splitlines()[-1]) if p.returncode == 0 else {"error": last[:400]}
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)  # the check and every process it started (torchrun's ranks)
         p.communicate()
@@ -376,7 +387,7 @@ def run_check(name: str, args, device: torch.device, left: float = math.inf) -> 
 def show(x) -> str:
     if isinstance(x, dict):
         return ", ".join(f"{k} {show(v)}" for k, v in x.items())
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
+    return f"{x:.3g}" if isinstance(x, float) else "-" if x is None else str(x)
 
 
 def main(argv=None) -> int:
