@@ -394,13 +394,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="cuda: the GPU checks; cpu: "
                    "the CPU mode on tiny shapes; auto: cuda if available (default: auto)")
-    p.add_argument("--only", nargs="+", choices=list(CHECKS), default=list(CHECKS), help="run these checks only "
-                   "(default: all, in order)")
+    p.add_argument("--only", nargs="+", choices=list(CHECKS), default=list(CHECKS), metavar="CHECK", help="run "
+                   "these checks only, of: " + ", ".join(CHECKS) + " (default: all, in that order)")
     p.add_argument("--out", default="gpu_check.json", help="write the table as JSON here (default: gpu_check.json)")
     p.add_argument("--compile-backend", choices=["inductor", "aot_eager"], default="inductor", help="torch.compile "
                    "backend of the compile check; aot_eager: dynamo and AOTAutograd without inductor's code "
                    "generation (CI's CPU run: inductor's C++ builds take minutes on 2 cores) (default: inductor)")
-    p.add_argument("--perturb", nargs="*", choices=list(CHECKS), default=[], help="tests only: shift these checks' "
+    p.add_argument("--perturb", nargs="*", choices=list(CHECKS), default=[], metavar="CHECK", help="tests only: shift these checks' "
                    "references so that they must FAIL (default: none)")
     p.add_argument("--child", choices=list(CHECKS), default=None, help=argparse.SUPPRESS)  # internal: one check
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # internal: see CACHE_DIR
