@@ -295,7 +295,8 @@ def check_compile(device):
 
 
 def check_fsdp2(device):
-    tmp, n = Path(tempfile.mkdtemp(prefix="gpu_check_")), torch.cuda.device_count() if device.type == "cuda" else 2
+    gpus, tmp = torch.cuda.device_count() if device.type == "cuda" else 2, Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    n = max(k for k in (1, 2, 4, 8) if k <= gpus)  # ranks: as many GPUs as divide the batch of 8
     launch = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29571")
     flags = ("--fsdp", "--eval-every", "2", "--save-every", "2", "--batch-size", "8")
     ref, t_ref = demo_run(tmp / "one", *flags[1:])  # first: it builds the demo model and cache the ranks share
@@ -400,8 +401,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", choices=["inductor", "aot_eager"], default="inductor", help="torch.compile "
                    "backend of the compile check; aot_eager: dynamo and AOTAutograd without inductor's code "
                    "generation (CI's CPU run: inductor's C++ builds take minutes on 2 cores) (default: inductor)")
-    p.add_argument("--perturb", nargs="*", choices=list(CHECKS), default=[], metavar="CHECK", help="tests only: shift these checks' "
-                   "references so that they must FAIL (default: none)")
+    p.add_argument("--perturb", nargs="*", choices=list(CHECKS), default=[], metavar="CHECK", help="tests only: "
+                   "shift these checks' references so that they must FAIL (default: none)")
     p.add_argument("--child", choices=list(CHECKS), default=None, help=argparse.SUPPRESS)  # internal: one check
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # internal: see CACHE_DIR
     args = p.parse_args(argv)
