@@ -231,6 +231,7 @@ def main(argv=None) -> dict:
            "answers": len(tokens["ours"]),
            "answer_tokens": evaluate.length_stats(list(map(len, tokens["ours"]))), "new_tokens": n_new,
            "hit_max_new_tokens": sum(len(t) >= args.max_new_tokens for t in tokens["ours"]),
+           "token_limits": None if args.model else sum(map(sum, limits)),  # random weights: what must be generated
            "seconds": {k: [round(s, 2) for s in v] for k, v in times.items()},
            "median_s": {k: round(statistics.median(v), 2) for k, v in times.items()},
            "tokens_per_s": {k: round(sum(map(len, tokens[k])) / statistics.median(v), 1) for k, v in times.items()}}

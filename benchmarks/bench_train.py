@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(data.DTYPES), default="fp32", help="autocast dtype (fp16: GradScaler)")
     p.add_argument("--layers", type=int, default=24, help="decoder layers (24 = Qwen2.5-0.5B)")
+    p.add_argument("--shape", choices=["real", "tiny"], default="real", help="real: Qwen2.5-0.5B's widths and "
+                   "vocabulary; tiny: width 64, the word vocabulary (benchmarks/gpu_check.py's CPU mode)")
     p.add_argument("--pairs", type=int, default=8, help="(a): training pairs")
     p.add_argument("--batch-size", type=int, default=2, help="(a): pairs per optimizer step")
     p.add_argument("--epochs", type=int, default=3, help="(a): passes over the pairs (12 steps by default)")
@@ -82,6 +84,12 @@ def rss(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
+def config(args, **extra) -> Config:
+    """The benchmarked model's Config: --layers decoder layers of --shape's widths."""
+    tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=WORDS + 2)
+    return Config(num_hidden_layers=args.layers, **(tiny if args.shape == "tiny" else {}), **extra)
+
+
 def make_inputs(args, folder: Path) -> None:
     """The shared weights (a Hugging Face folder), a word-level tokenizer beside them, and the pairs (pairs.json)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -89,7 +97,7 @@ def make_inputs(args, folder: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     torch.manual_seed(args.seed)
-    model = CausalLM(Config(num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=1))
+    model = CausalLM(config(args, bos_token_id=0, eos_token_id=1))
     with torch.no_grad():  # every parameter redrawn (biases non-zero, norms not 1), small: a non-saturated loss
         for name, param in model.named_parameters():
             param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.02)
@@ -133,7 +141,7 @@ def run_ours(args, folder: Path) -> dict:
             if len(times) == 1:
                 peak_step1 = rss("VmHWM")  # since the process started: weights, step 1, its AdamW state
     return {"times": times, "first": logged[0], "rss_before": before, "peak_step1": peak_step1,
-            "peak_last": rss("VmHWM")}
+            "peak_last": rss("VmHWM"), "peak_cuda": peak_cuda(args)}
 
 
 def run_trl(args, folder: Path) -> dict:
@@ -172,7 +180,13 @@ def run_trl(args, folder: Path) -> dict:
     trainer.train()
     first = next(h for h in trainer.state.log_history if "loss" in h)
     return {"times": times, "first": {"loss": first["loss"], "logps/chosen": first["logps/chosen"]},
-            "rss_before": state["rss_before"], "peak_step1": state["peak_step1"], "peak_last": rss("VmHWM")}
+            "rss_before": state["rss_before"], "peak_step1": state["peak_step1"], "peak_last": rss("VmHWM"),
+            "peak_cuda": peak_cuda(args)}
+
+
+def peak_cuda(args) -> int | None:
+    """Peak bytes allocated on the GPU by this process (None on the CPU)."""
+    return torch.cuda.max_memory_allocated() if args.device == "cuda" else None
 
 
 PEAK_16BIT = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense fp16/bf16 FLOP/s (vendor)
@@ -182,7 +196,7 @@ def model_flops(args, folder: Path) -> float:
     """Model FLOPs of one pass over the pairs, non-padding tokens only, forward and backward (3x the forward):
     per pair 2·N·(p + c + r) for the decoder layers' N matmul weights, 4·H·d per attended (query, key) pair (causal;
     the answers attend to the prompt, not to each other) and 2·D·V per scored answer token (the LM head)."""
-    c = Config(num_hidden_layers=args.layers)
+    c = config(args)
     D, I, H, KV, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     n = D * H * hd * 2 + 2 * D * KV * hd + 3 * D * I
     total = 0.0
@@ -200,7 +214,7 @@ def workload_trl(args) -> dict:
     results = {}
     for engine in args.engines:
         cmd = [sys.executable, __file__, "--engine", engine, "--dir", str(folder)] + [
-            x for k in ("device", "dtype", "layers", "pairs", "batch_size", "epochs", "max_length", "seed")
+            x for k in ("device", "dtype", "layers", "shape", "pairs", "batch_size", "epochs", "max_length", "seed")
             for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
@@ -220,8 +234,10 @@ def workload_trl(args) -> dict:
     peak = next((v for k, v in PEAK_16BIT.items() if args.device == "cuda" and k in torch.cuda.get_device_name()), None)
     for name, r in results.items():
         speed = per_step / step(r)
-        print(f"{name}: {args.batch_size / step(r):.3f} pairs/s, {speed / 1e12:.3f} model TFLOP/s"
-              + (f", MFU {speed / peak:.1%} of {peak / 1e12:.0f} TFLOP/s ({args.dtype})" if peak else ""))
+        r.update(pairs_per_s=args.batch_size / step(r), model_tflops=speed / 1e12, mfu=speed / peak if peak else None)
+        print(f"{name}: {r['pairs_per_s']:.3f} pairs/s, {speed / 1e12:.3f} model TFLOP/s"
+              + (f", MFU {speed / peak:.1%} of {peak / 1e12:.0f} TFLOP/s ({args.dtype})" if peak else "")
+              + (f", peak GPU memory {r['peak_cuda'] / gib:.2f} GiB" if r["peak_cuda"] else ""))
     first = [r["first"]["logps/chosen"] for r in results.values()]
     print(f"equal work: first logps/chosen spread {(max(first) - min(first)) / abs(min(first)):.1e} relative")
     for mine in (n for n in results if n.startswith("ours")):
