@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model import CausalLM, UserError, attention_mask_4d
+from model import CausalLM, UserError, attention_mask_4d, read_json
 
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill call at most (one prompt if longer): bounds its activations
@@ -170,10 +170,7 @@ def generation_config(model_dir) -> dict:
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return read_json(path)
 
 
 def sampling_config(model_dir) -> dict:

@@ -37,6 +37,26 @@ class UserError(Exception):
     """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (cli.run_cli)."""
 
 
+def read_json(path, expect: type = dict, fix: str = ""):
+    """The one reader of the JSON files the code reads (config.json, tokenizer_config.json, args.json, latest.json,
+    meta.json...): the value, which must be an `expect`; a missing, unreadable, non-UTF-8, invalid (a file cut in
+    half) or wrong-typed file is a UserError naming it, one line, ending with `fix` (how to repair it)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file{fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise UserError(f"{path}: not valid JSON ({where}); the file is damaged or cut short{fix}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}){fix}") from None
+    if not isinstance(value, expect):
+        raise UserError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, got "
+                        f"{type(value).__name__}{fix}")
+    return value
+
+
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -100,7 +120,7 @@ class Config:
 
     @classmethod
     def from_json(cls, path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def rope_frequencies(c: Config, device=None) -> Tensor:
@@ -280,7 +300,7 @@ class CausalLM(nn.Module):
         config = Config.from_json(folder / "config.json")
         index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
         if index.is_file():
-            key_file = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            key_file = {k: folder / f for k, f in read_json(index)["weight_map"].items()}
         elif single.is_file():
             with _open_safetensors(single) as f:
                 key_file = dict.fromkeys(f.keys(), single)
