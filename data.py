@@ -23,8 +23,8 @@ with its last end-of-turn id (ChatTokenizer.end_of_turn: the eos_token and the t
 </s>...); what the template puts after it (ChatML's "\n") is never generated, so it is not scored (TRL scores it; the
 difference is log p("\n" | <|im_end|>) ~ 0).
 
-Truncation (defaults of Yao et al. 2025, max_length 1024, max_prompt_length 256): the prompt keeps its END (cut
-from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
+Truncation (defaults: max_length 1024 as Yao et al. 2025, max_prompt_length 256 where their TRL setting has 512):
+the prompt keeps its END (cut from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
 and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
 
 Batches are packed (packing.py: one segment prompt ‖ chosen ‖ rejected per pair, several to a row); pair_logps is

@@ -16,7 +16,7 @@ transformers' Trainer does: shuffled every epoch, the last partial batch trained
 order is --order two-stage).
 """
 SEVEN_B = ("a 7-8B model: its weights, gradients and AdamW state (~16 bytes a parameter) need sharding, so run it "
-           "under torchrun with --fsdp (README: Scale-out); --dry-run prints the memory plan first")
+           "under torchrun with --fsdp (docs/scale-out.md); --dry-run prints the memory plan first")
 
 YAO_SOURCE = ("Yao et al. 2025 (arXiv 2508.08466), experimental setup: TRL DPOTrainer defaults (DPOConfig lr 1e-6, "
               "max_length 1024, max_prompt_length 512, beta 0.1; TrainingArguments batch 8, 3 epochs, linear, no "

@@ -572,7 +572,7 @@ def test_corrupt_cache_is_an_error_with_the_rebuild_command(cache_args, capsys):
         meta = {**json.loads(good_meta), "n": 12, "tensors_sha256": data.files_sha256([out / "ref_logps.safetensors"])}
         (out / "meta.json").write_text(json.dumps(meta))
     corruptions = {
-        "meta.json: JSONDecodeError": lambda: (out / "meta.json").write_text(good_meta[:len(good_meta) // 2]),
+        "meta.json: not valid JSON": lambda: (out / "meta.json").write_text(good_meta[:len(good_meta) // 2]),
         "ref_logps.safetensors: SafetensorError": lambda: (out / "ref_logps.safetensors").write_bytes(good_tensors[:len(good_tensors) // 2]),
         "does not match the tensors_sha256 and n": lambda: (out / "meta.json").write_text(
             json.dumps({**json.loads(good_meta), "n": 12})),
