@@ -10,7 +10,8 @@
 Every file goes to a temporary name, is fsynced and renamed into place, so at every instant the previous version is
 whole; a checkpoint folder counts only once its train_state.json, written last, exists. Only safetensors and JSON:
 nothing is pickled. A fresh run never replaces an earlier run unless asked (--overwrite; the demo replaces its own
-demo runs), and --resume continues only a run with the same result-changing arguments.
+demo runs, deleting only what a run writes), and --resume continues only a run with the same result-changing
+arguments (docs/scale-out.md says which may change, and why).
 """
 import json
 import math

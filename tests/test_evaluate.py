@@ -555,3 +555,18 @@ def test_make_report_figure_runs_end_to_end_offline(tmp_path):
     mt = json.loads((run / "mt_bench" / "mt_bench_results.json").read_text())
     assert mt["n_judgments"] == 16 and mt["failed"] == 0 and 1 <= mt["mean"] <= 10
     assert "| demo-rpo | rpo |" in (tmp_path / "work" / "report" / "report.md").read_text()
+
+
+def test_model_folder_json_files_go_through_one_reader(tiny_model_dir, tmp_path):
+    """generation_config.json cut in half, config.json holding a list: one UserError naming the file (model.read_json,
+    the one reader of the JSON files of model folders and runs), never a JSONDecodeError or AttributeError."""
+    import shutil
+    from model import CausalLM
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text('{"do_sample": true, "temperat')
+    with pytest.raises(UserError, match=r"generation_config.json: not valid JSON \(line 1 column 21"):
+        generate.generation_config(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"config.json: expected a JSON object, got list"):
+        CausalLM.from_pretrained(folder)
