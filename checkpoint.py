@@ -91,10 +91,14 @@ def check_resume(args, out_dir: Path) -> None:
 
 
 def _complete(ckpt: Path) -> int | None:
-    """The step of a complete checkpoint folder (its train_state.json, written last, exists), else None."""
+    """The step of a complete checkpoint folder (its train_state.json, written last, exists and is whole), else
+    None."""
     if not (ckpt / "train_state.json").is_file():
         return None
-    step = read_json(ckpt / "train_state.json", fix=f"; delete {ckpt} to resume from an older checkpoint").get("step")
+    try:
+        step = read_json(ckpt / "train_state.json").get("step")
+    except UserError:  # torn by a kill while ckpt-N.tmp was written: that folder is not complete
+        return None
     return step if isinstance(step, int) else None
 
 

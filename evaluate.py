@@ -94,8 +94,9 @@ def run_reference(args) -> dict:
     if not (Path(args.model).expanduser().is_dir() and (run_dir / "args.json").is_file()):
         return {}
     run = read_json(run_dir / "args.json")
-    if args.ref_model or args.ref_cache or run.get("loss") not in losses.NEEDS_REF:
+    if args.ref_model or args.ref_cache or run.get("loss") not in losses.NEEDS_REF or not run.get("model"):
         return run
+    run.setdefault("cache_dir", "cache")  # train.py's default
     args.ref_model, args.ref_revision = refcache.reference_model(run), run.get("revision")
     args.ref_cache = str(refcache.cache_folder(run["cache_dir"], run["model"], args.data, args.split))
     if run.get("demo") and not Path(args.ref_model).is_dir():
