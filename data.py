@@ -24,8 +24,9 @@ with its last end-of-turn id (ChatTokenizer.end_of_turn: the eos_token and the t
 difference is log p("\n" | <|im_end|>) ~ 0).
 
 Truncation (defaults: max_length 1024 as Yao et al. 2025, max_prompt_length 256 where their TRL setting has 512):
-the prompt keeps its END (cut from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
-and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
+the prompt keeps its END (cut from the left), then completions are cut from the right to fit max_length. Pairs left
+with an empty completion, and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop
+is counted and printed.
 
 Batches are packed (packing.py: one segment prompt ‖ chosen ‖ rejected per pair, several to a row); pair_logps is
 the one place that turns a packed batch into per-pair tensors named as losses.compute reads them. make_batches

@@ -187,7 +187,8 @@ def test_prefs_on_a_reference_free_run_stays_reference_free(tmp_path):
     run = tmp_path / "run"
     train.main(["--demo", "--loss", "simpo", "--max-steps", "2", "--eval-split", "", "--out-dir", str(run),
                 "--cache-dir", str(tmp_path / "cache"), "--dtype", "fp32"])
-    res = evaluate.main(["prefs", "--model", str(run / "final"), "--data", demo_test, "--out", str(tmp_path / "p.json")])
+    res = evaluate.main(["prefs", "--model", str(run / "final"), "--data", demo_test, "--out",
+                         str(tmp_path / "p.json")])
     assert res["reward"] == "beta*S/|y|" and res["reference"] is None
 
 
