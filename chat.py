@@ -20,7 +20,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from cli import UserError
+from cli import UserError, read_json
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -118,10 +118,7 @@ def load_tokenizer(model_dir) -> ChatTokenizer:
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"{folder / 'tokenizer.json'}: not found; the model folder must ship tokenizer.json")
     config_file, jinja_file = folder / "tokenizer_config.json", folder / "chat_template.jinja"
-    try:
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_json(config_file) if config_file.is_file() else {}
     templates = config.get("chat_template") or {}
     templates = {"default": templates} if isinstance(templates, str) else {t["name"]: t["template"] for t in templates}
     if jinja_file.is_file():

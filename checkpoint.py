@@ -10,12 +10,15 @@
 Every file goes to a temporary name, is fsynced and renamed into place, so at every instant the previous version is
 whole; a checkpoint folder counts only once its train_state.json, written last, exists. Only safetensors and JSON:
 nothing is pickled. A fresh run never replaces an earlier run unless asked (--overwrite; the demo replaces its own
-demo runs), and --resume continues only a run with the same result-changing arguments.
+demo runs, deleting only what a run writes), and --resume continues only a run with the same result-changing
+arguments (docs/scale-out.md says which may change, and why).
 """
 import json
 import math
 import os
+import re
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -25,12 +28,15 @@ from safetensors.torch import load_file, save_file
 import cli
 import data
 import distributed
-from cli import UserError
+from cli import UserError, read_json
 from model import CausalLM
 
 # Arguments that do not change what is trained: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "overwrite", "out_dir", "device", "compile", "grad_checkpointing", "logps_chunk_size",
                "pack_tokens", "log_every", "eval_every", "save_every", "nan_patience", "cache_dir", "micro_batch_size"}
+# What a run writes into out_dir (the module docstring; tensorboard/ with --report-to tensorboard; .NAME.tmpPID are
+# cli.atomic_write's temporary files): all the demo deletes when it replaces its own run.
+RUN_FILES = ("args.json", "metrics.jsonl", "latest.json", "final", "final.tmp", "ckpt-*", "tensorboard", ".*.tmp*")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -50,17 +56,22 @@ def check_fresh(args, out_dir: Path) -> None:
     """A fresh run may use out_dir if it is empty or missing, if --overwrite is given, or if it holds a demo run and
     this is the demo. Read-only, so every rank can ask before any rank writes."""
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        if not (args.demo and (_read_json(out_dir / "args.json") or {}).get("demo")):
+        demo_run = (out_dir / "args.json").is_file() and read_json(out_dir / "args.json").get("demo")
+        if not (args.demo and demo_run):
             raise UserError(f"--out-dir {out_dir} holds an earlier run; continue it with --resume, replace it with "
                             "--overwrite, or choose another --out-dir")
 
 
 def start(args, out_dir: Path) -> None:
     """A fresh run's folder, with args.json; what check_fresh allowed to be replaced is deleted first (by now every
-    input has been checked)."""
+    input has been checked): with --overwrite everything in it; when the demo replaces its own run, only what a run
+    writes (RUN_FILES), so files the user put there (the README's runs/demo-lmpo/prefs.json) stay."""
     if out_dir.exists() and any(out_dir.iterdir()):
-        print(f"{out_dir}: replacing the earlier run in it")
-        shutil.rmtree(out_dir)
+        ours = [p for p in out_dir.iterdir() if args.overwrite or any(fnmatch(p.name, pat) for pat in RUN_FILES)]
+        kept = sorted(p.name for p in out_dir.iterdir() if p not in ours)
+        print(f"{out_dir}: replacing the earlier run in it" + (f" (keeping {', '.join(kept)})" if kept else ""))
+        for p in ours:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     cli.atomic_write(out_dir / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=1)))
 
@@ -68,10 +79,10 @@ def start(args, out_dir: Path) -> None:
 def check_resume(args, out_dir: Path) -> None:
     """--resume continues only the run this folder holds: its args.json must exist and agree with these arguments
     on everything that changes the result (all but RESUME_FREE); every differing field is listed."""
-    old = _read_json(out_dir / "args.json")
-    if old is None:
-        raise UserError(f"--resume: {out_dir / 'args.json'} is missing or unreadable; {out_dir} holds no run to "
-                        "continue (start without --resume)")
+    if not (out_dir / "args.json").is_file():
+        raise UserError(f"--resume: {out_dir / 'args.json'} is missing; {out_dir} holds no run to continue (start "
+                        "without --resume)")
+    old = read_json(out_dir / "args.json", fix=f"; {out_dir} cannot be resumed: start a new run in another --out-dir")
     new = json.loads(json.dumps(vars(args)))  # the form args.json has (tuples as lists)
     differ = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
               if k not in RESUME_FREE and old.get(k) != new.get(k)]
@@ -80,32 +91,46 @@ def check_resume(args, out_dir: Path) -> None:
                         "with the run's values, or start a new run in another --out-dir")
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _complete(ckpt: Path) -> int | None:
-    """The step of a complete checkpoint folder (its train_state.json was written last), else None."""
-    state = _read_json(ckpt / "train_state.json")
-    return state.get("step") if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+    """The step of a complete checkpoint folder (its train_state.json, written last, exists and is whole), else
+    None."""
+    if not (ckpt / "train_state.json").is_file():
+        return None
+    try:
+        step = read_json(ckpt / "train_state.json").get("step")
+    except UserError:  # torn by a kill while ckpt-N.tmp was written: that folder is not complete
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _pointer(out_dir: Path) -> tuple[Path | None, str]:
+    """(the checkpoint folder latest.json names, "") or (None, what is wrong with latest.json)."""
+    path = out_dir / "latest.json"
+    if not path.is_file():
+        return None, "is missing"
+    try:  # a damaged pointer is not fatal: the checkpoints themselves say which is newest
+        pointer = read_json(path)
+    except UserError as e:
+        return None, f"is unreadable ({str(e).removeprefix(f'{path}: ')})"
+    name = pointer.get("checkpoint")
+    if not (isinstance(name, str) and re.fullmatch(r"ckpt-\d+", name)):
+        return None, f"names no checkpoint folder ({{\"checkpoint\": {json.dumps(name)}}})"
+    return out_dir / name, ""
 
 
 def find(out_dir: Path) -> Path:
-    """The checkpoint latest.json names; if that pointer or checkpoint is missing or incomplete, the newest complete
-    checkpoint, saying so; UserError if there is none."""
-    pointer = _read_json(out_dir / "latest.json")
-    named = out_dir / pointer["checkpoint"] if isinstance(pointer, dict) and "checkpoint" in pointer else None
+    """The checkpoint latest.json names; if that pointer (missing, damaged, a wrong-typed field) or checkpoint
+    (missing, incomplete) is not usable, the newest complete checkpoint, saying so in one line; UserError if there
+    is none."""
+    named, why = _pointer(out_dir)
     if named is not None and _complete(named) is not None:
         return named
-    found = sorted((step, c) for c in out_dir.glob("ckpt-*") if (step := _complete(c)) is not None)
+    found = sorted((step, c) for c in out_dir.glob("ckpt-*") if c.is_dir() and (step := _complete(c)) is not None)
     if not found:
         raise UserError(f"--resume: {out_dir} holds no complete checkpoint (ckpt-*/train_state.json); start "
                         "without --resume, or point --out-dir at a run with checkpoints")
-    print(f"--resume: {out_dir / 'latest.json'} names {named.name if named else 'no usable checkpoint'}; using the "
-          f"newest complete checkpoint, {found[-1][1].name} (step {found[-1][0]})")
+    print(f"--resume: {out_dir / 'latest.json'} {why or f'names {named.name}'}; using the newest complete "
+          f"checkpoint, {found[-1][1].name} (step {found[-1][0]})")
     return found[-1][1]
 
 
@@ -172,7 +197,7 @@ def _write_state(tmp: Path, step: int, model, opt, scaler, loss_state: dict, cou
 def load(ckpt: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
     """Restore weights, optimizer, scaler, loss state and RNG from a checkpoint folder, on every rank; returns
     (step, counters). An unreadable file in it is a UserError naming the file."""
-    state = _read_json(ckpt / "train_state.json")
+    state = read_json(ckpt / "train_state.json", fix=f"; delete {ckpt} to resume from an older checkpoint")
     try:
         if state.get("sharded"):
             distributed.load_shards(ckpt / "shards", model, opt)

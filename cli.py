@@ -1,6 +1,7 @@
-"""What every command line here shares: UserError, argparse whose errors are one line, --help with defaults, the entry
+"""What every command line here shares: UserError, the one JSON reader, argparse whose errors are one line, --help with defaults, the entry
 point that turns a UserError into one line and exit status 2, and atomic_write for the files the commands write."""
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -8,6 +9,26 @@ from pathlib import Path
 
 class UserError(Exception):
     """A mistake in the user's input (file, folder, row, flag): the CLIs print one line, exit 2 (run_cli)."""
+
+
+def read_json(path, expect: type = dict, fix: str = ""):
+    """The one reader of the JSON files the code reads (config.json, tokenizer_config.json, args.json, latest.json,
+    meta.json...): the value, which must be an `expect`; a missing, unreadable, non-UTF-8, invalid (a file cut in
+    half) or wrong-typed file is a UserError naming it, one line, ending with `fix` (how to repair it)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file{fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise UserError(f"{path}: not valid JSON ({where}); the file is damaged or cut short{fix}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}){fix}") from None
+    if not isinstance(value, expect):
+        raise UserError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, got "
+                        f"{type(value).__name__}{fix}")
+    return value
 
 
 class ArgumentParser(argparse.ArgumentParser):

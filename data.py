@@ -23,9 +23,10 @@ with its last end-of-turn id (ChatTokenizer.end_of_turn: the eos_token and the t
 </s>...); what the template puts after it (ChatML's "\n") is never generated, so it is not scored (TRL scores it; the
 difference is log p("\n" | <|im_end|>) ~ 0).
 
-Truncation (defaults of Yao et al. 2025, max_length 1024, max_prompt_length 256): the prompt keeps its END (cut
-from the left), then completions are cut from the right to fit max_length. Pairs left with an empty completion,
-and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop is counted and printed.
+Truncation (defaults: max_length 1024 as Yao et al. 2025, max_prompt_length 256 where their TRL setting has 512):
+the prompt keeps its END (cut from the left), then completions are cut from the right to fit max_length. Pairs left
+with an empty completion, and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop
+is counted and printed.
 
 Batches are packed (packing.py: one segment prompt ‖ chosen ‖ rejected per pair, several to a row); pair_logps is
 the one place that turns a packed batch into per-pair tensors named as losses.compute reads them. make_batches
@@ -123,37 +124,51 @@ def _hub_files(repo: str, split: str, revision: str | None) -> list[Path]:
     return files
 
 
+def row_name(path, i: int) -> str:
+    """How every tool names row i (0-based, the position in read_records' list) of a data file: "FILE: line N" in a
+    JSON Lines file, where row i is line i + 1, else "FILE: row N" (an element of a JSON array, a parquet row), N
+    counted from 1 as editors and `sed -n Np` count."""
+    return f"{path}: {'line' if Path(path).suffix == '.jsonl' else 'row'} {i + 1}"
+
+
 def read_records(path, strict: bool = True) -> list:
     """The objects of a .jsonl (one per line), a .json (an array, or JSON Lines) or a .parquet file (one per row).
     A line that is not valid JSON (a torn last line of a killed run, a blank line) is a UserError naming the file
     and line if strict, else a ValueError object in its place, so that callers can report, skip or count it while
-    row i stays line i + 1."""
+    row i stays line i + 1. A file that is not what its suffix says (not parquet, not UTF-8) is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.suffix == ".parquet":
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not a parquet file, or a damaged one
+            raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); convert it with "
+                            "pyarrow.parquet.write_table, or give a .jsonl") from None
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON Lines
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.splitlines()):
         try:
             rows.append(json.loads(line) if line.strip() else ValueError("blank line"))
         except json.JSONDecodeError as e:
             rows.append(ValueError(f"invalid JSON: {e.msg} (column {e.colno})"))
         if strict and isinstance(rows[-1], ValueError):
-            raise UserError(f"{path}: line {i}: {rows[-1]}; expected one JSON object per line")
+            raise UserError(f"{path}: line {i + 1}: {rows[-1]}; expected one JSON object per line")
     return rows
 
 
@@ -300,7 +315,7 @@ def tokenize_pairs(rows, tokenizer: ChatTokenizer, max_length: int = 1024, max_p
             r = _parse_row(row)
             texts = _texts(r, tokenizer)
         except ValueError as e:
-            where = f"{source}: row {i}" + (f" (line {i + 1})" if str(source).endswith(".jsonl") else "")
+            where = row_name(source, i)
             if not skip_bad_rows:
                 raise UserError(f"{where}: {e}. Fix the row, or pass --skip-bad-rows to skip and count it") from None
             bad.append(f"{where}: {e}")
@@ -434,6 +449,39 @@ def curriculum_batches(pairs: list[Pair], batch_size: int, epoch: int, *, epochs
     if len(batches) > 1 and len(batches[-1]) < min_last:
         last = batches.pop()  # (`batches[-2] += batches.pop()` would read [-2] before the pop, write it after)
         batches[-1] += last
+    return batches
+
+
+def balance_routed(batches: list[list[int]], hard: list[bool], min_pairs: int = 2) -> list[list[int]]:
+    """Batches for --route-difficult around a loss that needs min_pairs pairs in a batch (losses.NEEDS_TWO: AOT
+    sorts them, KTO's z0 is their mean): in each batch the pairs the loss sees, the easy ones (not hard[i]), number
+    0 or at least min_pairs. A batch with too few gets easy pairs from a batch that can spare them (>= min_pairs + 1
+    easy, or its only one), each in exchange for one of its difficult pairs (trained with SFT); else gives its easy
+    pairs away in exchange for difficult ones, to a batch that then has more. Every pair trains once and every batch
+    keeps its size; batches that already qualify are moved only when they give or take a pair. UserError if the
+    data leaves no way (fewer than min_pairs easy pairs in all)."""
+    batches = [list(b) for b in batches]
+
+    def easy(b):
+        return [i for i in b if not hard[i]]
+
+    def swap(a, give, b, take):  # pair `give` of batch a <-> pair `take` of batch b
+        a[a.index(give)], b[b.index(take)] = take, give
+
+    for a in batches:
+        while 0 < len(easy(a)) < min_pairs:
+            need, others = min_pairs - len(easy(a)), [b for b in batches if b is not a]
+            donor = next((b for b in others if len(easy(b)) - 1 >= min_pairs or len(easy(b)) == 1), None)
+            taker = next((b for b in others if len(easy(b)) >= min_pairs and len(b) > len(easy(b))), None)
+            if donor is not None and len(a) > len(easy(a)):
+                swap(a, next(i for i in a if hard[i]), donor, easy(donor)[0])
+            elif taker is not None:
+                swap(a, easy(a)[0], taker, next(i for i in taker if hard[i]))
+            else:
+                raise UserError(f"--route-difficult: a batch holds {len(easy(a))} easy pair(s) and no other batch can "
+                                f"give it {need} more or take them ({sum(not h for h in hard)} easy pairs in all); the "
+                                f"loss needs 0 or >= {min_pairs} per batch: raise --batch-size, lower "
+                                "--difficulty-threshold, or use --order two-stage")
     return batches
 
 

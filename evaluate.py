@@ -31,7 +31,7 @@ import mt_bench
 import provenance
 import refcache
 import report
-from cli import UserError
+from cli import UserError, read_json
 
 
 def length_stats(values) -> dict:
@@ -86,25 +86,51 @@ def loss_report(key: str, t: dict[str, torch.Tensor], hparams: dict) -> dict:
     return out
 
 
+def run_reference(args) -> dict:
+    """The training run that --model belongs to (a model folder inside a run folder: RUN/final, RUN/ckpt-N), from
+    RUN/args.json ({} if none). If that run trained with a reference-based loss and neither --ref-model nor
+    --ref-cache is given, its reference (the model it started from) and reference cache become them, and are
+    printed: prefs then scores the rewards training reported, β·(S − S_ref), not the reference-free ones."""
+    run_dir, args.ref_revision = Path(args.model).expanduser().parent, None
+    if not (Path(args.model).expanduser().is_dir() and (run_dir / "args.json").is_file()):
+        return {}
+    run = read_json(run_dir / "args.json")
+    if args.ref_model or args.ref_cache or run.get("loss") not in losses.NEEDS_REF or not run.get("model"):
+        return run
+    run.setdefault("cache_dir", "cache")  # train.py's default
+    args.ref_model, args.ref_revision = refcache.reference_model(run), run.get("revision")
+    args.ref_cache = str(refcache.cache_folder(run["cache_dir"], run["model"], args.data, args.split))
+    if run.get("demo") and not Path(args.ref_model).is_dir():
+        raise UserError(f"{run_dir / 'args.json'}: the run's reference, the demo's initial model {args.ref_model} "
+                        f"(in its --cache-dir, relative to where train.py ran), is not there: run evaluate.py from "
+                        "that folder, or pass --ref-model")
+    print(f"prefs: {args.model} is a model of the run in {run_dir}, trained with --loss {run['loss']}: its reference "
+          f"is {args.ref_model} (the model it started from), its reference cache {args.ref_cache}; pass --ref-model "
+          "to use another")
+    return run
+
+
 def cmd_prefs(args) -> dict:
     """`evaluate.py prefs`: the held-out metrics of train.py's eval rows, for any model and data."""
     policy, tok = load_policy(args)
-    meta = {}
+    run, meta = run_reference(args), {}
     if args.ref_cache and (Path(args.ref_cache) / "meta.json").is_file():  # its lengths, dtype, model are defaults
-        meta = json.loads((Path(args.ref_cache) / "meta.json").read_text())
-    max_len = args.max_length or meta.get("max_length", 1024)
-    max_prompt = args.max_prompt_length or meta.get("max_prompt_length", 256)
+        meta = read_json(Path(args.ref_cache) / "meta.json")
+    max_len = args.max_length or meta.get("max_length") or run.get("max_length") or 1024
+    max_prompt = args.max_prompt_length or meta.get("max_prompt_length") or run.get("max_prompt_length") or 256
     has_ref = bool(args.ref_model or args.ref_cache)
     if has_ref:
         if not (args.ref_model or meta.get("model")):
             raise UserError(f"--ref-cache {args.ref_cache}: no meta.json there naming the reference; add --ref-model")
-        ref_model, revision = (args.ref_model, None) if args.ref_model else (meta["model"], meta.get("revision"))
+        ref_model, revision = ((args.ref_model, args.ref_revision) if args.ref_model
+                               else (meta["model"], meta.get("revision")))
         pairs, _, meta = refcache.ref_cache(ref_model, revision, args.data, args.split, max_len, max_prompt,
                                         args.ref_cache or Path(args.out).with_suffix(".ref_cache"),
                                         dtype=meta.get("dtype", args.dtype), batch_size=args.batch_size,
                                         device=next(policy.parameters()).device)
-        counts = meta["counts"]
+        counts, reference = meta["counts"], ref_model
     else:
+        reference = None
         pairs, counts = data.tokenize_pairs(data.load_rows(args.data, args.split)[0], tok, max_len, max_prompt,
                                             source=args.data)
     key = args.loss or ("dpo" if has_ref else "simpo")  # their rewards: β·(S − S_ref), or β·S/|y| without one
@@ -115,12 +141,15 @@ def cmd_prefs(args) -> dict:
         if "beta" not in hparams:
             raise UserError(f"--beta: --loss {key} has no beta (its rewards are S/|y|)")
         hparams["beta"] = args.beta
+    elif "beta" in hparams and key in losses.NEEDS_REF and "beta" in (run.get("hparams") or {}):
+        hparams["beta"] = run["hparams"]["beta"]  # the run's β scales the rewards it reported
     reward = "beta*(S-S_ref)" if key in losses.NEEDS_REF else "beta*S/|y|"
     print(f"prefs: {len(pairs)} pairs (max_length {max_len}, max_prompt_length {max_prompt}), loss {key}, "
-          f"reward {reward}, {hparams}")
+          f"reward {reward}, reference {reference or 'none'}, {hparams}")
     t = data.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
                          next(policy.parameters()).device, args.dtype, budget=2 * max_len)
-    res = {"reward": reward, "beta": hparams.get("beta", 1.0), **preference_metrics(score(key, t, hparams)[1]),
+    res = {"reward": reward, "reference": reference, "beta": hparams.get("beta", 1.0),
+           **preference_metrics(score(key, t, hparams)[1]),
            "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args),
            "provenance": provenance.record(model_dir=policy.source_dir, data_sources=[(args.data, args.split)],
                                            device=next(policy.parameters()).device, dtype=args.dtype)}
@@ -145,12 +174,12 @@ def load_prompts(bench: str) -> tuple[str, list[dict]]:
     first = rows[0] if isinstance(rows[0], dict) else {}
     if isinstance(first.get("turns", first.get("prompt")), list):
         return "mt_bench", mt_bench.check_questions(rows, bench)
-    for i, r in enumerate(rows, 1):
+    for i, r in enumerate(rows):
         if not isinstance(r, dict):
-            raise UserError(f"{bench}: row {i}: expected a JSON object, got {type(r).__name__}")
+            raise UserError(f"{data.row_name(bench, i)}: expected a JSON object, got {type(r).__name__}")
         text = r.get("instruction", r.get("prompt"))
         if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{bench}: row {i}: needs a non-empty string 'instruction' (or 'prompt'), "
+            raise UserError(f"{data.row_name(bench, i)}: needs a non-empty string 'instruction' (or 'prompt'), "
                             f"or a 'turns' list")
         out.append({"instruction": text, **({"dataset": r["dataset"]} if "dataset" in r else {})})
     return "alpaca", out
@@ -310,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
     g.add_argument("--parse-retries", type=int, default=2, help="times a reply without a verdict is asked again")
     g.add_argument("--retry-malformed", action="store_true", help="ask again where the cached reply had no verdict")
+    g.add_argument("--allow-partial", action="store_true", help="write a result even if the judge never answered "
+                   "some items (failed requests), marked partial with the number missing (default: exit 2; the same "
+                   "command asks again only for the missing ones)")
     g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M prompt tokens (0 = unknown)")
     g.add_argument("--price-output", type=float, default=0.0, help="USD per 1M completion tokens (0 = unknown)")
 

@@ -236,8 +236,13 @@ def get_args(argv=None) -> argparse.Namespace:
                 "that uses it (softplus: --softplus-temperature; focal: --focal-gamma; relu, softplus: --delta)")
     args.order = args.order or ("two-stage" if mixdpo_settings(args) else "length")
     validate(args, p)
-    try:  # the loss checks its own hyperparameters (e.g. margin_sigmoid's δ < ln 2): ask it once, before any work
-        losses.compute(args.loss, {k: torch.tensor(v) for k, v in PROBE.items()}, hps, state={}, route=route)
+    # The loss checks its own hyperparameters (e.g. margin_sigmoid's δ < ln 2), the routing rule its own: ask them
+    # once, before any work; separately, since the probe's 2 pairs routed could leave the loss 1 (KTO, AOT refuse it).
+    probe = {k: torch.tensor(v) for k, v in PROBE.items()}
+    try:
+        losses.compute(args.loss, probe, hps, state={})
+        if route:
+            losses.difficult(probe, **route)
     except ValueError as e:
         p.error(str(e))
     if vars(args).pop("print_config"):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cli import UserError
+from cli import UserError, read_json
 from model import CausalLM, KVCache, attention_mask_4d
 
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
@@ -171,10 +171,7 @@ def generation_config(model_dir) -> dict:
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return read_json(path)
 
 
 def sampling_config(model_dir) -> dict:

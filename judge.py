@@ -253,6 +253,18 @@ def hub_file(repo: str, filename: str, repo_type: str, flag: str) -> Path:
                         f"it elsewhere and pass {flag} PATH") from None
 
 
+def check_answered(failed: int, total: int, what: str, cache: Path, allow_partial: bool) -> dict:
+    """A judge run whose requests failed for some items (retries ran out) has no result over all of them: a
+    UserError (exit 2) saying how many are missing and that the same command asks only for them (the others are
+    cached), unless --allow-partial; then {"partial": true, "missing_verdicts": n} for the result file to record."""
+    if failed and not allow_partial:
+        raise UserError(f"the judge never answered {failed} of {total} {what} (requests failed after --max-retries): "
+                        f"no result is written. Run the same command again: it asks only for those {failed} (the "
+                        f"others are cached in {cache}); or pass --allow-partial to accept a result over the answered "
+                        "ones, recorded as partial")
+    return {"partial": bool(failed), "missing_verdicts": failed}
+
+
 # ----------------------------------------------------------------------------- AlpacaEval
 def read_template(path: str | None) -> tuple[str, str]:
     """(template text, its name): an alpaca_eval template file read unchanged, or the built-in one."""
@@ -353,7 +365,7 @@ def read_outputs(path: str) -> list[dict]:
     rows = data.read_records(path)
     for i, r in enumerate(rows):
         if not (isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)):
-            raise UserError(f"{path}: entry {i}: needs string 'instruction' and 'output' (AlpacaEval format)")
+            raise UserError(f"{data.row_name(path, i)}: needs string 'instruction' and 'output' (AlpacaEval format)")
     if not rows:
         raise UserError(f"{path}: no outputs in the file")
     return rows
@@ -392,6 +404,7 @@ def cmd_judge(args) -> dict:
             records, counts = annotate(items, ep, cache, template, args.judge_mode, args.retry_malformed)
         finally:
             cache.close()
+        partial = check_answered(counts["failed"], len(items), "items", cache.path, args.allow_partial)
         gen2 = outs[0].get("generator") or args.name or Path(args.outputs).parent.name
         annotator = f"{ep.model}:{args.judge_mode}:{template_name}"
         annotations = [{"instruction": it["instruction"], "output_1": it["reference"],
@@ -407,7 +420,8 @@ def cmd_judge(args) -> dict:
         cli.atomic_write(out / "annotations.json", lambda p: p.write_text(json.dumps(annotations, indent=2)))
         res = {"outputs": args.outputs, "reference": args.reference, "judge_model": ep.model,
                "judge_mode": args.judge_mode, "judge_template": template_name, "annotator": annotator,
-               "missing_reference": missing, **counts, **winrate.scores(annotations, lc), **ep.usage(records)}
+               "missing_reference": missing, **counts, **partial, **winrate.scores(annotations, lc),
+               **ep.usage(records)}
         print(usage_line(res))
         if counts["failed"] or counts["malformed_total"]:
             print("judge: rerun to retry failed items; add --retry-malformed to ask again where replies were malformed")

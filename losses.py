@@ -683,6 +683,7 @@ NEEDS_REF = set(LOSSES) - REFERENCE_FREE        # keys that need ref_*_logps (th
 NEEDS_SCORES = {"odpo", "mixdpo"}               # keys that take chosen_scores=, rejected_scores=
 STATEFUL = {"lmpo", "alpha_dpo"}                # keys that take state= (a dict the caller owns and checkpoints)
 GATHERS = {"lmpo", "alpha_dpo", "amapo", "kto"}  # keys that take gather= (batch statistics over all ranks)
+NEEDS_TWO = {"aot", "aot_unpaired", "kto"}  # keys that need >= 2 pairs in a batch (AOT sorts them, KTO's z0 is a mean)
 # Keyword-only names that are not hyperparameters: the loop sets these itself, everything else maps to a CLI flag.
 RUNTIME_KWARGS = ("chosen_scores", "rejected_scores", "state", "gather", "metrics")
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

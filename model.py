@@ -96,7 +96,7 @@ class Config:
 
     @classmethod
     def from_json(cls, path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def rope_frequencies(c: Config, device=None) -> Tensor:

@@ -51,13 +51,13 @@ def source(spec: str, flag: str) -> str:
 def check_questions(rows: list, path) -> list[dict]:
     """FastChat question rows (or the Hub copy's: prompt, prompt_id) as {question_id, category, turns}."""
     out = []
-    for i, r in enumerate(rows, 1):
+    for i, r in enumerate(rows):
         if not isinstance(r, dict):
-            raise UserError(f"{path}: row {i}: expected a JSON object, got {type(r).__name__}")
+            raise UserError(f"{data.row_name(path, i)}: expected a JSON object, got {type(r).__name__}")
         turns = r.get("turns", r.get("prompt"))
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
-            raise UserError(f"{path}: row {i}: 'turns' must be a list of non-empty strings (FastChat format)")
-        out.append({"question_id": r.get("question_id", r.get("prompt_id", i)), "category": r.get("category", ""),
+            raise UserError(f"{data.row_name(path, i)}: 'turns' must be a list of non-empty strings (FastChat format)")
+        out.append({"question_id": r.get("question_id", r.get("prompt_id", i + 1)), "category": r.get("category", ""),
                     "turns": turns})
     return out
 
@@ -67,8 +67,8 @@ def read_answers(path: str, questions: dict, unknown_ok: bool = False) -> dict:
     question_id (skipped if unknown_ok: a reference file may cover more questions), a wrong number of turns or a
     question answered twice."""
     rows, out = data.read_records(path), {}
-    for i, r in enumerate(rows, 1):
-        where = f"{path}: row {i}"
+    for i, r in enumerate(rows):
+        where = data.row_name(path, i)
         if not isinstance(r, dict) or "question_id" not in r:
             raise UserError(f"{where}: expected a JSON object with question_id, model_id, choices (FastChat format)")
         q = questions.get(r["question_id"])
@@ -191,6 +191,8 @@ def cmd_judge(args) -> dict:
         got = judge.run_pool(one, todo, ep.concurrency, "mt_bench")
     finally:
         cache.close()
+    partial = judge.check_answered(sum(r is None for r in got), len(todo), "MT-Bench judgments", cache.path,
+                                   args.allow_partial)
     records = [{k: v for k, v in r.items() if k != "cached"} for r in got if r is not None]
     name = ep.model.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +201,7 @@ def cmd_judge(args) -> dict:
     res = {"bench": "mt_bench", "answers": args.answers, "model": model, "judge_model": ep.model,
            "n_questions": len(questions), "n_answered": len(answers), **summary(records, questions),
            "failed": sum(r is None for r in got), "unparsable": sum(r["score"] == -1 for r in records),
-           "cached": sum(bool(r and r.get("cached")) for r in got), **ep.usage(records),
+           "cached": sum(bool(r and r.get("cached")) for r in got), **partial, **ep.usage(records),
            "provenance": provenance.record(judge=provenance.judge_entry(ep.model, args.judge_url),  # no API key
                                            data_sources=[(f, None) for f in (args.answers, qpath, ppath,
                                                                              refs and rpath)])}

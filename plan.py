@@ -101,4 +101,7 @@ def report(args, world: int) -> dict[str, float]:
     print(f"| **total** | **{total / GIB:.2f}** |\n\n{p['flops per step'] / 1e12:.1f} TFLOPs per optimizer step "
           f"(global batch {args.batch_size}); {where}: {capacity / GIB:.1f} GiB -> "
           f"{'fits' if total < 0.9 * capacity else 'does NOT fit (keep 10% for the allocator and the runtime)'}")
+    if not args.device_memory and args.device != "cpu" and not torch.cuda.is_available():
+        print("no GPU here: this plan is against this machine's RAM; for a GPU plan name the GPU and its memory, e.g. "
+              "--device cuda --device-memory 80 (GiB per GPU; docs/scale-out.md)")
     return p | {"total": total, "capacity": capacity}

@@ -8,7 +8,8 @@ it (or, for a value the release leaves unset, the library default it runs with);
 that neither gives, with the reason. LOSSES.md ("The papers' experiments") lists the same values and the paper
 ablation rows each flag reproduces.
 """
-SEVEN_B = "7-8B: shard it, torchrun ... --fsdp (README: Scale-out; --dry-run prints the memory plan)"
+SEVEN_B = ("a 7-8B model: its weights, gradients and AdamW state (~16 bytes a parameter) need sharding, so run it "
+           "under torchrun with --fsdp (docs/scale-out.md); --dry-run prints the memory plan first")
 TRAINER = ("transformers' Trainer, which every release runs: pairs shuffled every epoch, the partial last batch "
            "trained")
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import packing
 from chat import load_tokenizer
-from cli import ArgumentParser, HelpFormatter, UserError, atomic_write
+from cli import ArgumentParser, HelpFormatter, UserError, atomic_write, read_json
 from data import (DEFAULT_DATASET, DEFAULT_MODEL, DTYPES, TEMPLATE_ID, Pair, files_sha256, load_rows,
                   resolve_model_dir, score_pairs, tokenize_pairs)
 from model import CausalLM
@@ -25,6 +25,19 @@ from model import CausalLM
 CACHE_FORMAT = 1
 CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha256", "max_length",
               "max_prompt_length", "template", "dtype")  # a cache is reused iff all of these match
+
+
+def cache_folder(cache_dir, model: str, data_source: str, split: str) -> Path:
+    """The folder under --cache-dir where train.py keeps the reference cache of (model, data, split); evaluate.py
+    prefs looks for a run's cache there."""
+    return Path(cache_dir) / "--".join(Path(x).name or x for x in (model, data_source, split)).replace("/", "_")
+
+
+def reference_model(run: dict) -> str:
+    """The reference of a run, from its args.json: the model it started from, --model, or for the demo (--model
+    demo) its initialisation from scratch, which train.py keeps in --cache-dir."""
+    demo = run.get("demo") and run.get("model") == "demo"
+    return str(Path(run["cache_dir"]) / f"demo_init-seed{run['seed']}") if demo else run["model"]
 
 
 def _load_cache(out: Path, cmd: str) -> tuple[dict | None, dict | None]:
@@ -35,12 +48,7 @@ def _load_cache(out: Path, cmd: str) -> tuple[dict | None, dict | None]:
             print(f"ref cache: {out} has no meta.json (an interrupted build); building it again")
         return None, None
     fix = f"; the cache is corrupt or truncated: rebuild it with: {cmd}"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"{meta_path}: {type(e).__name__}: {e}{fix}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{meta_path}: not a cache header{fix}")
+    meta = read_json(meta_path, fix=fix)
     try:
         tensors = load_file(tensor_path)
     except (OSError, SafetensorError) as e:

@@ -20,7 +20,7 @@ import cli
 import data
 import losses
 import provenance
-from cli import UserError
+from cli import UserError, read_json
 
 
 def normalise(row: dict) -> dict:
@@ -70,7 +70,7 @@ def run_summary(rows) -> dict:
 def margin_kind(run: str) -> str:
     """What a run's reward margin measures, from its args.json loss: β·(log-ratio) with a reference model, the
     loss's own reward without one, or unknown. Margins of different kinds are never drawn on one axis."""
-    args = read_json(Path(run) / "args.json") if Path(run).is_dir() else None
+    args = optional_json(Path(run) / "args.json") if Path(run).is_dir() else None
     loss = (args or {}).get("loss")
     return "unknown" if loss not in losses.LOSSES else "reference-based" if loss in losses.NEEDS_REF \
         else "reference-free"
@@ -164,14 +164,9 @@ def cmd_diagnostics(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- the results table
-def read_json(path: Path):
-    """A JSON file's content, None if it does not exist; UserError if it is not JSON."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a JSON file ({e})") from None
+def optional_json(path: Path) -> dict | None:
+    """A JSON object file's content (cli.read_json: UserError if it is damaged), None if there is no such file."""
+    return read_json(path) if path.is_file() else None
 
 
 def find_one(run: Path, name: str):
@@ -180,7 +175,7 @@ def find_one(run: Path, name: str):
     if len(found) > 1:
         raise UserError(f"{run}: {len(found)} files named {name} ({', '.join(map(str, found))}); the report reads "
                         f"one per run: move the others out of the run folder")
-    return read_json(found[0]) if found else None
+    return optional_json(found[0]) if found else None
 
 
 def read_run(run: str) -> dict:
@@ -188,9 +183,13 @@ def read_run(run: str) -> dict:
     path = Path(run)
     if not path.is_dir():
         raise UserError(f"report: {run} is not a run folder")
-    args = read_json(path / "args.json") or {}
+    args = optional_json(path / "args.json") or {}
     rows = read_metrics(path)[0] if (path / "metrics.jsonl").is_file() else []
-    prefs = read_json(path / "prefs.json")
+    prefs = optional_json(path / "prefs.json")
+    alpaca, mt = find_one(path, "judge_results.json"), find_one(path, "mt_bench_results.json")
+    if not (args or rows or prefs or alpaca or mt):
+        raise UserError(f"report: {run} holds no run (no args.json, metrics.jsonl, prefs.json, judge_results.json or "
+                        "mt_bench_results.json); pass the folders train.py wrote (its --out-dir)")
     evals = [r for r in rows if isinstance(r.get("eval_rewards/accuracies"), (int, float))]
     held = ({"acc": prefs.get("rewards/accuracies"), "margin": prefs.get("rewards/margins"), "from": "prefs.json"}
             if prefs else {"acc": evals[-1]["eval_rewards/accuracies"], "margin": evals[-1].get("eval_rewards/margins"),
@@ -199,7 +198,7 @@ def read_run(run: str) -> dict:
           "batch": args.get("batch_size"), **(args.get("hparams") or {})}
     return {"name": path.name, "path": str(path), "loss": args.get("loss"), "kind": margin_kind(run),
             "hparams": {k: v for k, v in hp.items() if v is not None}, "rows": rows,
-            "alpaca": find_one(path, "judge_results.json"), "mt": find_one(path, "mt_bench_results.json"),
+            "alpaca": alpaca, "mt": mt,
             "held": held, "code": provenance.run_code(path)}
 
 

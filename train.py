@@ -84,10 +84,10 @@ def load_pairs(args, model_dir: Path, source: str, split: str, device, rank: int
         rows, _ = data.load_rows(source, split)
         return data.tokenize_pairs(rows, chat.load_tokenizer(model_dir), args.max_length, args.max_prompt_length,
                                    source=source, skip_bad_rows=args.skip_bad_rows)[0]
-    slug = "--".join(Path(x).name or x for x in (args.model, source, split)).replace("/", "_")
+    folder = refcache.cache_folder(args.cache_dir, args.model, source, split)
     cache = functools.partial(refcache.ref_cache, str(model_dir), None, source, split, args.max_length,
-                              args.max_prompt_length, Path(args.cache_dir) / slug, dtype=args.dtype,
-                              batch_size=args.batch_size, device=device, skip_bad_rows=args.skip_bad_rows)
+                              args.max_prompt_length, folder, dtype=args.dtype, batch_size=args.batch_size,
+                              device=device, skip_bad_rows=args.skip_bad_rows)
     if rank == 0:
         pairs = cache()[0]
     if dist.is_initialized():
@@ -106,11 +106,28 @@ def epoch_batches(pairs: list[data.Pair], args, epoch: int) -> list[list[int]]:
     and two-stage and reversed runs have 2 x --epochs epochs, one stage after the other."""
     if args.order == "length":
         batches = data.make_batches(pairs, args.batch_size, seed=args.seed + epoch)
-        return [b for b in batches if len(b) == args.batch_size]
+        return routable([b for b in batches if len(b) == args.batch_size], pairs, args)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return data.curriculum_batches(pairs, args.batch_size, epoch, epochs=args.epochs, order=args.order,
-                                   discard_difficult=args.discard_difficult, seed=args.seed + epoch,
-                                   min_last=max(2, world), **(mixdpo_settings(args) or {}))
+    return routable(data.curriculum_batches(pairs, args.batch_size, epoch, epochs=args.epochs, order=args.order,
+                                            discard_difficult=args.discard_difficult, seed=args.seed + epoch,
+                                            min_last=max(2, world), **(mixdpo_settings(args) or {})), pairs, args)
+
+
+def easy_pairs(pairs: list[data.Pair], args) -> list[bool] | None:
+    """Which pairs --route-difficult leaves to the loss (MixDPO's rule, in float32 as losses.difficult applies it);
+    None for a run without routing."""
+    if not args.route:
+        return None
+    margins = data.difficulty_margins(pairs, args.route["difficulty"])
+    return [m >= args.route["difficulty_threshold"] for m in margins]
+
+
+def routable(batches: list[list[int]], pairs: list[data.Pair], args) -> list[list[int]]:
+    """--route-difficult around a loss that needs >= 2 pairs per batch (losses.NEEDS_TWO): the batches exchange
+    pairs so that the loss sees 0 or >= 2 of each (data.balance_routed); other runs' batches as they are."""
+    if not (args.route and args.loss in losses.NEEDS_TWO):
+        return batches
+    return data.balance_routed(batches, [not e for e in easy_pairs(pairs, args)])
 
 
 def run_batches(pairs: list[data.Pair], args) -> list[list[int]]:
@@ -178,6 +195,7 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
     if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
         last = batches.pop()
         batches[-1] += last
+    batches = routable(batches, pairs, args)
     mine = batches[rank::world]
     mine += [None] * (-(-len(batches) // world) - len(mine))  # FSDP2's forwards are collective: as many per rank
     scorer.eval()
@@ -222,7 +240,7 @@ def model_folder(args, rank: int) -> Path:
     once per seed in --cache-dir (by rank 0; the others wait)."""
     if not (args.demo and args.model == "demo"):
         return data.resolve_model_dir(args.model, args.revision)
-    folder = Path(args.cache_dir) / f"demo_init-seed{args.seed}"
+    folder = Path(refcache.reference_model(vars(args)))
     if rank == 0 and not (folder / "model.safetensors").is_file():
         build_demo_model(args, folder.with_suffix(".tmp"))
         os.replace(folder.with_suffix(".tmp"), folder)
@@ -278,6 +296,11 @@ def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int
     if args.fsdp and any(len(set(c)) > 1 for c in counts):  # FSDP2's forwards are collective
         raise UserError(f"--fsdp: a partial batch splits into unequal numbers of micro-batches across the {world} "
                         "ranks; drop --micro-batch-size, or use --order length (full batches only)")
+    easy = easy_pairs(train_pairs, args) if args.loss in losses.NEEDS_TWO else None
+    if easy and any(sum(easy[i] for i in b[r::world]) == 1 for b in plan for r in range(world)):
+        raise UserError(f"--route-difficult with --loss {args.loss} over {world} ranks: a rank's share of a batch "
+                        f"holds 1 easy pair, and {args.loss} needs 0 or >= 2; raise --batch-size, or use --order "
+                        "two-stage")
     if world > 1 and args.route and args.loss in losses.GATHERS and args.order in ("per-epoch", "random"):
         raise UserError(f"--route-difficult with --loss {args.loss} under DDP needs batches that are all easy or all "
                         f"difficult (its batch statistics are gathered from every rank): use --order two-stage")

@@ -183,8 +183,8 @@ def read_annotations(path: str) -> list[dict]:
                                                                             "generator_2"))
         p = r.get("preference") if ok else "x"
         if not ok or not (p is None or isinstance(p, (int, float)) and (p == 0 or 1 <= p <= 2 or math.isnan(p))):
-            raise UserError(f"{path}: entry {i}: needs strings output_1, output_2, generator_1, generator_2 and a "
-                            f"preference in [1, 2] (0 = draw, null = none), alpaca_eval's annotation format")
+            raise UserError(f"{data.row_name(path, i)}: needs strings output_1, output_2, generator_1, generator_2 "
+                            f"and a preference in [1, 2] (0 = draw, null = none), alpaca_eval's annotation format")
     if not rows:
         raise UserError(f"{path}: no annotations in the file")
     return rows

@@ -1,7 +1,10 @@
-"""Make docs/report.png, the README's picture of `evaluate.py report`, from the two demo runs, offline.
+"""Make docs/report.png, the README's picture of `evaluate.py report`, from three demo runs, offline.
 
     for loss in dpo simpo rpo; do python train.py --demo --loss $loss; done
     python docs/make_report_figure.py runs/demo-dpo runs/demo-simpo runs/demo-rpo
+
+(without arguments it takes those three folders). It writes into each run folder (alpaca_eval/, mt_bench/), keeps
+its inputs, the judge cache and the report in runs/docs-report/, and copies the report's picture to docs/report.png.
 
 Everything but the judge is the real path: each demo model answers 24 held-out "Sort these numbers" prompts
 (AlpacaEval-style, against the shuffled answers of demo/test.jsonl as the reference outputs) and 8 two-turn
@@ -67,18 +70,24 @@ class TestJudge(BaseHTTPRequestHandler):
         self.wfile.write(raw.encode())
 
 
-def write_inputs(d: Path) -> None:
+def text(messages) -> str:
+    """The text of a demo row's field: its (one) message's content; demo/ rows are conversational."""
+    return messages[-1]["content"] if isinstance(messages, list) else messages
+
+
+def write_inputs(d: Path, n_alpaca: int = 24) -> None:
     """AlpacaEval prompts and reference outputs, MT-Bench questions, references and judge prompts, df_gamed.csv."""
     rows = [json.loads(x) for x in (ROOT / "demo" / "test.jsonl").read_text().splitlines()]
-    alpaca, mt = rows[:24], rows[24:40]
-    (d / "alpaca.jsonl").write_text("".join(json.dumps({"instruction": r["prompt"]}) + "\n" for r in alpaca))
-    (d / "reference.json").write_text(json.dumps([{"instruction": r["prompt"], "output": r["rejected"],
+    alpaca, mt = rows[:n_alpaca], rows[n_alpaca:n_alpaca + 2 * len(CATEGORIES)]
+    (d / "alpaca.jsonl").write_text("".join(json.dumps({"instruction": text(r["prompt"])}) + "\n" for r in alpaca))
+    (d / "reference.json").write_text(json.dumps([{"instruction": text(r["prompt"]), "output": text(r["rejected"]),
                                                    "generator": "shuffled"} for r in alpaca]))
-    qs = [{"question_id": 81 + 10 * i, "category": c, "turns": [mt[2 * i]["prompt"], mt[2 * i + 1]["prompt"]]}
+    qs = [{"question_id": 81 + 10 * i, "category": c, "turns": [text(mt[2 * i]["prompt"]),
+                                                               text(mt[2 * i + 1]["prompt"])]}
           for i, c in enumerate(CATEGORIES)]
     (d / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
     (d / "gpt-4.jsonl").write_text("".join(json.dumps({"question_id": q["question_id"], "choices": [{"turns": [
-        mt[2 * i]["chosen"], mt[2 * i + 1]["chosen"]]}]}) + "\n" for i, q in enumerate(qs)))
+        text(mt[2 * i]["chosen"]), text(mt[2 * i + 1]["chosen"])]}]}) + "\n" for i, q in enumerate(qs)))
     single = "[Q] {question}\n[A] {answer}\nRate the answer from 1 to 10 as [[rating]]."
     multi = "[Q1] {question_1}\n[A1] {answer_1}\n[Q2] {question_2}\n[A2] {answer_2}\nRate the second answer."
     prompts = {"single-v1": single, "single-math-v1": single + " Reference: {ref_answer_1}",
@@ -95,10 +104,11 @@ def write_inputs(d: Path) -> None:
                 w.writerow([model, i, rng.uniform(0.2, 0.8), rng.normal(sign, 0.5), 0.1 * (i % 5), False])
 
 
-def main(runs: list[str]) -> None:
-    work = ROOT / "runs" / "docs-report"
+def main(runs: list[str], work: Path = ROOT / "runs" / "docs-report", png: Path = ROOT / "docs" / "report.png",
+         n_alpaca: int = 24, max_new_tokens: int = 32) -> Path:
+    """Generate, judge and report the runs; the report's picture is copied to png (tests pass small settings)."""
     work.mkdir(parents=True, exist_ok=True)
-    write_inputs(work)
+    write_inputs(work, n_alpaca)
     srv = ThreadingHTTPServer(("127.0.0.1", 0), TestJudge)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     judge = ["--judge-url", f"http://127.0.0.1:{srv.server_address[1]}/v1", "--judge-model", "test-judge",
@@ -106,11 +116,11 @@ def main(runs: list[str]) -> None:
     for run in map(Path, runs):
         name = run.name
         evaluate.main(["generate", "--model", str(run / "final"), "--bench", str(work / "alpaca.jsonl"), "--out",
-                       str(run / "alpaca_eval"), "--max-new-tokens", "32", "--name", name])
+                       str(run / "alpaca_eval"), "--max-new-tokens", str(max_new_tokens), "--name", name])
         evaluate.main(["judge", "--outputs", str(run / "alpaca_eval" / "model_outputs.json"), "--reference",
                        str(work / "reference.json"), "--df-gamed", str(work / "df_gamed.csv"), *judge])
         evaluate.main(["generate", "--model", str(run / "final"), "--bench", str(work / "question.jsonl"), "--out",
-                       str(run / "mt_bench"), "--max-new-tokens", "32", "--name", name])
+                       str(run / "mt_bench"), "--max-new-tokens", str(max_new_tokens), "--name", name])
         evaluate.main(["judge", "--bench", "mt_bench", "--answers", str(run / "mt_bench" / f"{name}.jsonl"),
                        "--questions", str(work / "question.jsonl"), "--references", str(work / "gpt-4.jsonl"),
                        "--judge-prompts", str(work / "judge_prompts.jsonl"), *judge])
@@ -118,8 +128,9 @@ def main(runs: list[str]) -> None:
                    "Toy demo (tiny model, 'sort these numbers'), graded by a local test judge with a synthetic "
                    "df_gamed.csv: the layout of evaluate.py report, not benchmark numbers"])
     srv.shutdown()
-    (ROOT / "docs" / "report.png").write_bytes((work / "report" / "report.png").read_bytes())
-    print(f"wrote {ROOT / 'docs' / 'report.png'}")
+    png.write_bytes((work / "report" / "report.png").read_bytes())
+    print(f"wrote {png}")
+    return png
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_template_errors(tmp_path, capsys):
     folder = make_tokenizer_dir(tmp_path / "m", "mistral")
     mistral = chat.load_tokenizer(folder)
     rows = [conv_row("Hi", "Hello.", "Bye."), {"prompt": [u("a"), u("b")], "chosen": [a("c")], "rejected": [a("d")]}]
-    with pytest.raises(UserError, match=r"p\.jsonl: row 1 \(line 2\): the chat template refused it: TemplateError: "
+    with pytest.raises(UserError, match=r"p\.jsonl: line 2: the chat template refused it: TemplateError: "
                                          r"Conversation roles must alternate.*--skip-bad-rows"):
         tokenize_pairs(rows, mistral, source="p.jsonl")
     assert [p.row for p in tokenize_pairs(rows, mistral, skip_bad_rows=True)[0]] == [0]
@@ -370,7 +370,7 @@ def test_bad_row_error_names_file_row_and_problem(problem, tmp_path, tok):
     with pytest.raises(UserError) as err:
         tokenize_pairs(rows, tok, source=str(path))
     msg = str(err.value)
-    assert str(path) in msg and "row 2 (line 3)" in msg and problem in msg and "--skip-bad-rows" in msg, msg
+    assert str(path) in msg and f"{path}: line 3: " in msg and problem in msg and "--skip-bad-rows" in msg, msg
     pairs, counts = tokenize_pairs(rows, tok, source=str(path), skip_bad_rows=True)
     assert [p.row for p in pairs] == [0, 1, 3] and counts["bad_rows"] == 1 and counts["rows"] == 4
 
@@ -573,7 +573,7 @@ def test_corrupt_cache_is_an_error_with_the_rebuild_command(cache_args, capsys):
         meta = {**json.loads(good_meta), "n": 12, "tensors_sha256": data.files_sha256([out / "ref_logps.safetensors"])}
         (out / "meta.json").write_text(json.dumps(meta))
     corruptions = {
-        "meta.json: JSONDecodeError": lambda: (out / "meta.json").write_text(good_meta[:len(good_meta) // 2]),
+        "meta.json: not valid JSON": lambda: (out / "meta.json").write_text(good_meta[:len(good_meta) // 2]),
         "ref_logps.safetensors: SafetensorError": lambda: (out / "ref_logps.safetensors").write_bytes(good_tensors[:len(good_tensors) // 2]),
         "does not match the tensors_sha256 and n": lambda: (out / "meta.json").write_text(
             json.dumps({**json.loads(good_meta), "n": 12})),
@@ -673,3 +673,29 @@ def test_error_hub_connection_failure(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(UserError, match="some-org/some-model"):
         data.resolve_model_dir("some-org/some-model", revision="main")
+
+
+def test_balance_routed_leaves_the_loss_zero_or_two_easy_pairs():
+    """--route-difficult around KTO/AOT: a batch with 1 easy pair (what the loss would see) gets a second from a batch
+    that can spare one, or gives its one away; every pair stays, every batch keeps its size, batches that already
+    qualify and take no part are unchanged."""
+    hard = [False, True, True, True,   False, False, False, True,   True, True, True, True,   False, False, True, True]
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # easy: 1, 3, 0, 2
+    out = data.balance_routed(batches, hard)
+    easy = [sum(not hard[i] for i in b) for b in out]
+    assert all(n == 0 or n >= 2 for n in easy) and easy == [2, 2, 0, 2]
+    assert sorted(i for b in out for i in b) == list(range(16)) and [len(b) for b in out] == [4, 4, 4, 4]
+    assert out[2] == batches[2] and out[3] == batches[3]
+    # two batches with one easy pair each and nothing to spare: one gives its pair to the other
+    out = data.balance_routed([[0, 1], [2, 3]], [False, True, False, True])
+    assert sorted(sum(not [False, True, False, True][i] for i in b) for b in out) == [0, 2]
+    # a batch with 2 easy pairs and room takes the lone one
+    out = data.balance_routed([[0, 1, 2], [3, 4, 5]], [False, True, True, False, False, True])
+    assert [sum(i in (0, 3, 4) for i in b) for b in out] == [0, 3]
+    with pytest.raises(UserError, match="--route-difficult: a batch holds 1 easy pair.*1 easy pairs in all"):
+        data.balance_routed([[0, 1], [2, 3]], [False, True, True, True])
+
+
+def test_row_name_is_one_based_lines_for_json_lines():
+    assert data.row_name("a/p.jsonl", 0) == "a/p.jsonl: line 1"
+    assert data.row_name("p.json", 4) == "p.json: row 5" and data.row_name("p.parquet", 0) == "p.parquet: row 1"

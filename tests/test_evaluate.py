@@ -150,6 +150,48 @@ def test_prefs_with_reference_by_hand(tiny_model_dir, tokenizer_dir, pref_jsonl,
     assert res2["rewards/margins"] == pytest.approx(res["rewards/margins"], abs=1e-6)
 
 
+def test_prefs_on_a_run_uses_its_reference(tmp_path, capsys):
+    """A demo DPO run's final/ scored without --ref-model: prefs takes the run's reference (the demo's initial model)
+    and reference cache from RUN/args.json, says so, and reports what training's final evaluation reported (on the
+    same held-out file); an explicit --ref-model still wins; `evaluate.py report` shows the same number. Before,
+    prefs scored it reference-free (SimPO's β·S/|y|)."""
+    import train
+    from pathlib import Path
+    demo_test = str(Path(__file__).resolve().parents[1] / "demo" / "test.jsonl")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    train.main(["--demo", "--loss", "dpo", "--beta", "0.2", "--max-steps", "6", "--eval-every", "0", "--out-dir",
+                str(run), "--cache-dir", str(cache), "--dtype", "fp32"])
+    final_eval = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    capsys.readouterr()
+    res = evaluate.main(["prefs", "--model", str(run / "final"), "--data", demo_test, "--out", str(run / "prefs.json")])
+    said = capsys.readouterr().out
+    reference = str(cache / "demo_init-seed42")
+    assert f"its reference is {reference}" in said and "ref cache: reusing" in said  # training's cache
+    assert res["reward"] == "beta*(S-S_ref)" and res["reference"] == reference and res["beta"] == 0.2
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/rejected"):
+        assert res[key] == pytest.approx(final_eval["eval_" + key], rel=1e-4, abs=1e-5), key
+    explicit = evaluate.main(["prefs", "--model", str(run / "final"), "--data", demo_test, "--out",
+                              str(tmp_path / "explicit.json"), "--ref-model", reference, "--beta", "0.2"])
+    assert explicit["rewards/margins"] == pytest.approx(res["rewards/margins"], rel=1e-5)
+    itself = evaluate.main(["prefs", "--model", str(run / "final"), "--data", demo_test, "--out",
+                            str(tmp_path / "itself.json"), "--ref-model", str(run / "final")])
+    assert itself["reference"] == str(run / "final") and itself["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    rows = evaluate.main(["report", str(run), "--out", str(tmp_path / "report")])
+    assert rows[0]["heldout_reward_accuracy"] == pytest.approx(final_eval["eval_rewards/accuracies"], abs=1e-9)
+
+
+def test_prefs_on_a_reference_free_run_stays_reference_free(tmp_path):
+    import train
+    from pathlib import Path
+    demo_test = str(Path(__file__).resolve().parents[1] / "demo" / "test.jsonl")
+    run = tmp_path / "run"
+    train.main(["--demo", "--loss", "simpo", "--max-steps", "2", "--eval-split", "", "--out-dir", str(run),
+                "--cache-dir", str(tmp_path / "cache"), "--dtype", "fp32"])
+    res = evaluate.main(["prefs", "--model", str(run / "final"), "--data", demo_test, "--out",
+                         str(tmp_path / "p.json")])
+    assert res["reward"] == "beta*S/|y|" and res["reference"] is None
+
+
 def test_prefs_hinge_loss_active_fraction_by_length(tiny_model_dir, tokenizer_dir, tmp_path):
     """--loss hinge --beta 3: per-pair loss max(0, 1 − β·z), z = Δ_w − Δ_l; active = loss > 0 (gradient flows),
     overall and per length quartile; the quartiles partition the pairs."""
@@ -255,10 +297,10 @@ def test_generate_mt_bench_second_turn_sees_first_answer(chatty_model_dir, tmp_p
 def test_generate_bad_input(chatty_model_dir, tmp_path):
     """Each mistake is one UserError naming the file and row, or the flag."""
     cases = {"bad.jsonl": ('{"instruction": "ok"}\n{"text": "no instruction"}\n',
-                           r"bad.jsonl: row 2: needs a non-empty string 'instruction'"),
+                           r"bad.jsonl: line 2: needs a non-empty string 'instruction'"),
              "empty.jsonl": ("", r"empty.jsonl: no prompts in the file"),
              "list.json": ('[{"instruction": "ok"}, "just a string"]', r"list.json: row 2: expected a JSON object"),
-             "mt.jsonl": ('{"turns": ["a", "b"]}\n{"turns": ["a", " "]}\n', r"mt.jsonl: row 2: 'turns' must be")}
+             "mt.jsonl": ('{"turns": ["a", "b"]}\n{"turns": ["a", " "]}\n', r"mt.jsonl: line 2: 'turns' must be")}
     for name, (text, error) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(UserError, match=error):
@@ -490,3 +532,42 @@ def test_report_plots_keep_margin_kinds_apart(tmp_path):
     assert all(v["x"] and v["y"] for t, v in info.items() if not t.startswith("MT-Bench"))
     assert info["MT-Bench score by category (1–10, both turns)"]["x"] == ["math", "stem", "writing"]
     assert "%" in info["AlpacaEval vs the reference outputs"]["y"]
+
+
+def test_make_report_figure_runs_end_to_end_offline(tmp_path):
+    """docs/make_report_figure.py, the README's way to rebuild docs/report.png, on one short demo run with small
+    settings: generate, judge (its local test judge), report, picture. It used to stop at its own alpaca.jsonl row 1
+    (the demo's prompts are message lists, not strings)."""
+    import importlib.util
+    import train
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "docs" / "make_report_figure.py"
+    spec = importlib.util.spec_from_file_location("make_report_figure", script)
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    assert "three demo runs" in fig.__doc__ and fig.__doc__.count("--loss $loss") == 1
+    run = tmp_path / "demo-rpo"
+    train.main(["--demo", "--loss", "rpo", "--max-steps", "2", "--eval-split", "", "--out-dir", str(run),
+                "--cache-dir", str(tmp_path / "cache"), "--dtype", "fp32"])
+    png = fig.main([str(run)], work=tmp_path / "work", png=tmp_path / "report.png", n_alpaca=4, max_new_tokens=4)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((run / "alpaca_eval" / "judge_results.json").read_text())
+    assert results["n_total"] == 4 and results["failed"] == 0 and 0 <= results["win_rate"] <= 100
+    mt = json.loads((run / "mt_bench" / "mt_bench_results.json").read_text())
+    assert mt["n_judgments"] == 16 and mt["failed"] == 0 and 1 <= mt["mean"] <= 10
+    assert "| demo-rpo | rpo |" in (tmp_path / "work" / "report" / "report.md").read_text()
+
+
+def test_model_folder_json_files_go_through_one_reader(tiny_model_dir, tmp_path):
+    """generation_config.json cut in half, config.json holding a list: one UserError naming the file (cli.read_json,
+    the one reader of the JSON files of model folders and runs), never a JSONDecodeError or AttributeError."""
+    import shutil
+    from model import CausalLM
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text('{"do_sample": true, "temperat')
+    with pytest.raises(UserError, match=r"generation_config.json: not valid JSON \(line 1 column 21"):
+        generate.generation_config(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"config.json: expected a JSON object, got list"):
+        CausalLM.from_pretrained(folder)

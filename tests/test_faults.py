@@ -124,10 +124,20 @@ def test_the_demo_does_not_replace_a_folder_that_is_not_a_demo_run(case):
 
 
 def test_the_demo_replaces_its_own_demo_run(case):
-    """The README's first command works twice in a row."""
-    r = case["train"]()
+    """The README's first command works twice in a row, and keeps what the user added to the run folder (the
+    README's `evaluate.py prefs ... --out runs/demo-lmpo/prefs.json`): only what a run writes is replaced."""
+    (case["run"] / "prefs.json").write_text('{"rewards/accuracies": 0.9}')
+    (case["run"] / "notes").mkdir()
+    (case["run"] / "notes" / "todo.txt").write_text("compare with simpo")
+    (case["run"] / "ckpt-000007").mkdir()  # a stale checkpoint of the earlier run: the run's own, replaced
+    r = case["train"]("--max-steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "replacing the earlier run" in r.stdout and (case["run"] / "final" / "model.safetensors").is_file()
+    assert "replacing the earlier run" in r.stdout and "keeping notes, prefs.json" in r.stdout
+    assert (case["run"] / "final" / "model.safetensors").is_file()
+    assert (case["run"] / "prefs.json").read_text() == '{"rewards/accuracies": 0.9}'
+    assert (case["run"] / "notes" / "todo.txt").read_text() == "compare with simpo"
+    assert sorted(p.name for p in case["run"].glob("ckpt-*")) == ["ckpt-000001"]
+    assert [json.loads(x)["step"] for x in (case["run"] / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_overwrite_with_a_typo_in_the_data_keeps_the_old_run(case):
@@ -136,7 +146,7 @@ def test_overwrite_with_a_typo_in_the_data_keeps_the_old_run(case):
                "--eval-data", "heldout.jsonl")
     bad = case["tmp"] / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
-    user_error(case["train"]("--overwrite", "--data", bad), "train.py", "bad.jsonl: row 0 (line 1)",
+    user_error(case["train"]("--overwrite", "--data", bad), "train.py", "bad.jsonl: line 1:",
                "missing field 'rejected'")
     assert snapshot(case["run"]) == case["snap"]
 
@@ -181,6 +191,25 @@ def test_resume_with_a_torn_pointer_falls_back(case):
     assert r.returncode == 0 and "using the newest complete checkpoint, ckpt-000002" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("pointer", ['{"checkpoint": null}', '{"step": 2}', '{"checkpoint": 2, "step": 2}',
+                                     '{"checkpoint": "../../elsewhere"}', '["ckpt-000002"]'])
+def test_resume_with_a_wrong_typed_pointer_falls_back(case, pointer):
+    """latest.json with a null, missing or wrong-typed field: said in one line, then the newest complete checkpoint,
+    as for a missing pointer; never a TypeError."""
+    (case["run"] / "latest.json").write_text(pointer)
+    r = case["train"]("--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [x for x in r.stdout.splitlines() if x.startswith("--resume: ")]
+    assert len(said) == 1 and str(case["run"] / "latest.json") in said[0], r.stdout[-2000:]
+    assert said[0].endswith("using the newest complete checkpoint, ckpt-000002 (step 2)")
+    assert "Traceback" not in r.stderr
+
+
+def test_resume_with_a_damaged_args_json_names_it(case):
+    (case["run"] / "args.json").write_text('{"loss": "simpo", "lr": 0.0')
+    user_error(case["train"]("--resume"), "train.py", str(case["run"] / "args.json"), "not valid JSON")
+
+
 def test_resume_from_an_incomplete_checkpoint_is_an_error(case):
     (case["run"] / "ckpt-000002" / "train_state.json").unlink()  # a save killed before its last file
     user_error(case["train"]("--resume"), "train.py", "holds no complete checkpoint")
@@ -194,11 +223,60 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(case):
 
 
 # ----------------------------------------------------------------------------- inputs
-def test_non_utf8_data_names_the_file(case):
+def test_non_utf8_data_names_the_file_and_line(case):
+    """The line holding the bad byte (line 3, 1-based as editors count), not a byte offset."""
     bad = case["tmp"] / "latin1.jsonl"
-    bad.write_bytes('{"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
-    user_error(case["train"]("--data", bad, "--out-dir", case["tmp"] / "new"), "train.py", "latin1.jsonl",
+    good = '{"prompt": "Sort 2 1", "chosen": "1 2", "rejected": "2 1"}\n'
+    latin1 = '{"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1")
+    bad.write_bytes((2 * good).encode() + latin1)
+    user_error(case["train"]("--data", bad, "--out-dir", case["tmp"] / "new"), "train.py", "latin1.jsonl: line 3:",
                "not UTF-8")
+    assert not (case["tmp"] / "new").exists()
+    r = run("evaluate.py", "prefs", "--model", case["model"], "--data", bad, "--out", "m.json", cwd=case["tmp"])
+    user_error(r, "evaluate.py", "latin1.jsonl: line 3:", "not UTF-8")
+
+
+def test_every_tool_names_a_bad_row_by_the_same_line(case):
+    """train.py, evaluate.py prefs and evaluate.py generate name the third line of a file "line 3"."""
+    rows = [dict(prompt="Sort 2 1", chosen="1 2", rejected="2 1")] * 2 + [dict(prompt="Sort 3 1", chosen="1 3")]
+    bad = write_jsonl(case["tmp"] / "bad.jsonl", rows)
+    user_error(case["train"]("--data", bad, "--out-dir", case["tmp"] / "new"), "train.py", "bad.jsonl: line 3:")
+    r = run("evaluate.py", "prefs", "--model", case["model"], "--data", bad, "--out", "m.json", cwd=case["tmp"])
+    user_error(r, "evaluate.py", "bad.jsonl: line 3:", "missing field 'rejected'")
+    prompts = write_jsonl(case["tmp"] / "prompts.jsonl", [{"instruction": "Sort 2 1"}] * 2 + [{"instruction": ""}])
+    r = run("evaluate.py", "generate", "--model", case["model"], "--bench", prompts, "--out", "g", cwd=case["tmp"])
+    user_error(r, "evaluate.py", "prompts.jsonl: line 3:")
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_a_model_json_cut_in_half_is_one_line(case, name):
+    """config.json (or tokenizer_config.json) cut in half: train.py, train.py --dry-run and evaluate.py prefs each
+    name the file in one line, never a JSONDecodeError traceback."""
+    model = case["tmp"] / "model"
+    shutil.copytree(case["model"], model)
+    text = (model / name).read_text()
+    (model / name).write_text(text[:len(text) // 2])
+    flags = ["--model", model, "--data", case["pairs"], "--eval-data", case["pairs"], "--out-dir", case["tmp"] / "new",
+             "--cache-dir", case["tmp"] / "c", "--dtype", "fp32", "--loss", "simpo"]
+    user_error(run("train.py", *flags, cwd=case["tmp"]), "train.py", str(model / name), "not valid JSON")
+    if name == "config.json":
+        user_error(run("train.py", *flags, "--dry-run", cwd=case["tmp"]), "train.py", str(model / name),
+                   "not valid JSON")
+    r = run("evaluate.py", "prefs", "--model", model, "--data", case["pairs"], "--out", "m.json", cwd=case["tmp"])
+    user_error(r, "evaluate.py", str(model / name), "not valid JSON")
+    assert not (case["tmp"] / "new").exists()
+
+
+def test_a_parquet_file_that_is_not_parquet_is_one_line(case):
+    """train.py, data.py and evaluate.py prefs: one line naming the file, not an ArrowInvalid traceback."""
+    fake = case["tmp"] / "pairs.parquet"
+    fake.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    user_error(case["train"]("--data", fake, "--out-dir", case["tmp"] / "new"), "train.py", str(fake),
+               "not a readable parquet file")
+    r = run("data.py", "--model", case["model"], "--data", fake, "--out", "c", cwd=case["tmp"])
+    user_error(r, "data.py", str(fake), "not a readable parquet file")
+    r = run("evaluate.py", "prefs", "--model", case["model"], "--data", fake, "--out", "m.json", cwd=case["tmp"])
+    user_error(r, "evaluate.py", str(fake), "not a readable parquet file")
     assert not (case["tmp"] / "new").exists()
 
 
@@ -291,6 +369,28 @@ def test_evaluate_bad_flag_value_is_one_line(case):
     r = run("evaluate.py", "prefs", "--model", case["model"], "--data", "x.jsonl", "--out", "m.json",
             "--batch-size", "many", cwd=case["tmp"])
     user_error(r, "evaluate.py prefs", "--batch-size", "'many'")
+
+
+def test_report_on_a_folder_without_a_run_is_an_error(case):
+    """`evaluate.py report` of a folder train.py never wrote into: exit 2 naming it, not exit 0 with an empty row."""
+    (case["tmp"] / "empty").mkdir()
+    (case["tmp"] / "empty" / "notes.txt").write_text("nothing here")
+    r = run("evaluate.py", "report", case["run"], case["tmp"] / "empty", "--out", case["tmp"] / "rep", cwd=case["tmp"])
+    user_error(r, "evaluate.py", str(case["tmp"] / "empty"), "holds no run")
+    assert not (case["tmp"] / "rep").exists()
+
+
+@pytest.mark.parametrize("loss, flags", [("kto", ["--batch-size", "64"]), ("aot", ["--order", "random"]),
+                                         ("aot_unpaired", ["--order", "per-epoch"])])
+def test_route_difficult_around_losses_that_need_two_pairs(case, loss, flags):
+    """--route-difficult around KTO and AOT (>= 2 pairs per batch): the run trains (batches exchange pairs so that
+    each leaves the loss 0 or >= 2 easy pairs), held-out evaluation included."""
+    out = case["tmp"] / "routed"
+    r = case["train"]("--loss", loss, "--route-difficult", "--max-steps", "3", "--eval-split", "test",
+                      "--eval-every", "0", *flags, out=out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and "eval_rewards/accuracies" in rows[-1] and (out / "final").is_dir()
 
 
 def test_data_cli_refuses_a_csv(case):

@@ -280,7 +280,7 @@ def test_alpaca_bad_input_is_one_line(tmp_path, server, monkeypatch):
     _, _, outs, refs = _alpaca_files(tmp_path)
     base = ["judge", "--outputs", str(outs), "--reference", str(refs), "--judge-model", "j", "--no-lc"]
     bad = write_json(tmp_path / "bad.json", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
-    with pytest.raises(UserError, match=r"bad.json: entry 1: needs string 'instruction' and 'output'"):
+    with pytest.raises(UserError, match=r"bad.json: row 2: needs string 'instruction' and 'output'"):
         evaluate.main(base[:1] + ["--outputs", str(bad)] + base[3:] + ["--judge-url", server.url])
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     with pytest.raises(UserError, match=r"\$NO_SUCH_KEY is not set"):
@@ -313,8 +313,8 @@ def test_alpaca_bad_input_is_one_line(tmp_path, server, monkeypatch):
     with pytest.raises(UserError, match=r"gamed.csv: line 3: a field that should be a number is not"):
         evaluate.main(["judge", "--annotations", str(good), "--df-gamed", str(tmp_path / "gamed.csv")])
     for rows, msg in (([{"output_1": "a", "output_2": "b", "generator_1": "x", "generator_2": "y", "preference": 3}],
-                       "entry 0"), ([{"output_1": "a", "generator_1": "x", "generator_2": "y", "preference": 1}],
-                                    "entry 0")):
+                       "row 1"), ([{"output_1": "a", "generator_1": "x", "generator_2": "y", "preference": 1}],
+                                  "row 1")):
         with pytest.raises(UserError, match=rf"ann.json: {msg}: needs strings output_1, output_2"):
             evaluate.main(["judge", "--annotations", str(write_json(tmp_path / "ann.json", rows)), "--no-lc"])
 
@@ -594,16 +594,16 @@ def test_mt_bench_bad_input_is_one_line(tmp_path, server, monkeypatch):
     base = ["judge", "--bench", "mt_bench", "--questions", str(q), "--references", str(refs), "--judge-prompts",
             str(prompts), "--judge-url", server.url, "--judge-model", "j", "--api-key-env", ""]
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
-    cases = [(rows[:1] + [dict(rows[1], question_id=999)], r"a.jsonl: row 2: question_id 999 is not in the questions"),
-             (rows[:1] + [dict(rows[2], choices=[{"turns": ["only one"]}])], r"a.jsonl: row 2: choices\[0\].turns "
+    cases = [(rows[:1] + [dict(rows[1], question_id=999)], r"a.jsonl: line 2: question_id 999 is not in the questions"),
+             (rows[:1] + [dict(rows[2], choices=[{"turns": ["only one"]}])], r"a.jsonl: line 2: choices\[0\].turns "
                                                                                r"must be 2 strings \(question 121"),
-             (rows + rows[:1], r"a.jsonl: row 6: question_id 141 is answered twice"),
-             ([{"question_id": 90, "turns": []}], r"a.jsonl: row 1: needs choices\[0\].turns")]
+             (rows + rows[:1], r"a.jsonl: line 6: question_id 141 is answered twice"),
+             ([{"question_id": 90, "turns": []}], r"a.jsonl: line 1: needs choices\[0\].turns")]
     for bad, msg in cases:
         with pytest.raises(UserError, match=msg):
             evaluate.main(base + ["--answers", str(jsonl(tmp_path / "a.jsonl", bad))])
     bad_q = jsonl(tmp_path / "bad_q.jsonl", QUESTIONS[:1] + [{"question_id": 5, "category": "x", "turns": "one"}])
-    with pytest.raises(UserError, match=r"bad_q.jsonl: row 2: 'turns' must be a list of non-empty strings"):
+    with pytest.raises(UserError, match=r"bad_q.jsonl: line 2: 'turns' must be a list of non-empty strings"):
         evaluate.main(base[:3] + ["--questions", str(bad_q)] + base[5:] + ["--answers", str(answers)])
     with pytest.raises(UserError, match=r"--concurrency 0: must be at least 1"):
         evaluate.main(base + ["--answers", str(answers), "--concurrency", "0"])
@@ -625,3 +625,44 @@ def test_mt_bench_bad_input_is_one_line(tmp_path, server, monkeypatch):
                                         r"\(OSError\).*--judge-prompts PATH"):
         evaluate.main(base[:7] + base[9:] + ["--answers", str(answers)])
     assert server.requests == []
+
+
+def test_items_the_judge_never_answered_are_not_a_result(tmp_path, server, monkeypatch):
+    """AlpacaEval: 'busy' gets 429s past --max-retries: no win rate over 9 of 10 items with exit 0. The run stops
+    (exit 2, one line) naming how many verdicts are missing and that the same command asks only for them; it then
+    does (one request) and writes the whole result. --allow-partial writes a result marked partial instead."""
+    names, model, outs, refs = _alpaca_files(tmp_path)
+    weighted_judge(server, {"busy": [429, 429]})
+    argv = ["judge", "--outputs", str(outs), "--reference", str(refs), "--judge-url", server.url, "--judge-model",
+            "fake-judge", "--api-key-env", "", "--backoff", "0.01", "--max-retries", "1", "--no-lc",
+            "--parse-retries", "0"]
+    with pytest.raises(UserError, match=r"never answered 1 of 11 items .* asks only for those 1"):
+        evaluate.main(argv)
+    assert not (tmp_path / "out" / "judge_results.json").exists()
+    asked = len(server.requests)
+    res = evaluate.main(argv)
+    assert len(server.requests) == asked + 1 and shown(server.requests[-1][2])[0] == "busy"
+    assert res["failed"] == 0 and res["partial"] is False and res["missing_verdicts"] == 0
+
+    weighted_judge(server, {"q0": [429, 429]})
+    partial = evaluate.main(argv + ["--allow-partial", "--cache", str(tmp_path / "fresh_cache")])
+    saved = json.loads((tmp_path / "out" / "judge_results.json").read_text())
+    assert partial["partial"] is True and saved["partial"] is True and saved["missing_verdicts"] == 1
+
+
+def test_mt_bench_judgments_never_answered_are_not_a_result(tmp_path, server):
+    """MT-Bench: a judgment whose requests all fail stops the run (exit 2) unless --allow-partial, which records it."""
+    q, answers, refs, prompts = _mt_files(tmp_path)
+    mt_judge(server)
+    grade = server.respond
+    server.respond = lambda body: (503, {"error": "down"}) if "[Q] Reverse a list." in body["messages"][-1][
+        "content"] else grade(body)
+    argv = ["judge", "--bench", "mt_bench", "--answers", str(answers), "--questions", str(q), "--references",
+            str(refs), "--judge-prompts", str(prompts), "--judge-url", server.url, "--judge-model", "gpt-4",
+            "--api-key-env", "", "--backoff", "0.01", "--max-retries", "1"]
+    with pytest.raises(UserError, match=r"never answered 1 of 9 MT-Bench judgments .* asks only for those 1"):
+        evaluate.main(argv)
+    assert not (tmp_path / "mt_bench_results.json").exists()
+    res = evaluate.main(argv + ["--allow-partial"])
+    saved = json.loads((tmp_path / "mt_bench_results.json").read_text())
+    assert res["failed"] == 1 and saved["partial"] is True and saved["missing_verdicts"] == 1

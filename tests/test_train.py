@@ -581,3 +581,41 @@ def test_dry_run_plans_memory_from_the_config_alone(tmp_path, capsys):
         acts[bool(argv)] = float(text.split("| activations | ")[1].split(" |")[0])
         assert "does NOT fit" in text
     assert acts[True] < acts[False] / 4  # checkpointing keeps a layer's input, not its insides
+
+
+def test_the_readme_says_how_the_defaults_differ_from_yao_et_al():
+    """README: the defaults follow Yao et al. 2025 except the prompt length (256, the paper's TRL setting 512) and the
+    batch order (length-bucketed, TRL shuffles); `--recipe yao-dpo` is the paper's. If a default moves, this fails
+    until the sentence is made true again."""
+    default, yao = vars(train.get_args(["--loss", "dpo"])), vars(train.get_args(["--recipe", "yao-dpo"]))
+    differ = {k: (default[k], yao[k]) for k in default if default[k] != yao[k] and k != "recipe"}
+    assert differ == {"max_prompt_length": (256, 512), "order": ("length", "random")}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "prompts cut to 256 tokens (512 in the paper's TRL setting) and length-bucketed batches" in readme
+    assert "Defaults reproduce" not in readme
+
+
+def test_scale_out_pointers_lead_to_a_page_that_exists():
+    """recipes.py and LOSSES.md point to docs/scale-out.md (there was no "README: Scale-out" section); the page says
+    what --resume may change, that it cannot extend a run, and how to plan GPU memory without a GPU."""
+    page = ROOT / "docs" / "scale-out.md"
+    for f in ("recipes.py", "LOSSES.md", "README.md"):
+        text = (ROOT / f).read_text()
+        assert "README: Scale-out" not in text and "docs/scale-out.md" in text, f
+    text = page.read_text()
+    assert "## Resuming: what may change, and why a run cannot be made longer" in text
+    assert all(f"`--{name.replace('_', '-')}`" in text for name in checkpoint.RESUME_FREE)
+    assert "--device cuda --device-memory 80" in text
+
+
+def test_dry_run_without_a_gpu_says_how_to_plan_for_one(capsys, monkeypatch):
+    """On a machine without a GPU, --dry-run plans against the RAM and says how to plan for a GPU instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train.get_args(["--demo", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "this machine's RAM" in out and "no GPU here" in out and "--device cuda --device-memory 80" in out
+    with pytest.raises(SystemExit):
+        train.get_args(["--demo", "--dry-run", "--device", "cuda", "--device-memory", "80"])
+    out = capsys.readouterr().out
+    assert "--device-memory 80 GiB: 80.0 GiB" in out and "no GPU here" not in out
