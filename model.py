@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from cli import UserError
+from cli import UserError, read_json
 from logprobs import token_logps
 from weights import read_weights
 

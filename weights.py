@@ -1,13 +1,12 @@
 """A model folder's safetensors weights, read strictly (for model.CausalLM.from_pretrained): model.safetensors, or the
 shards that model.safetensors.index.json lists. Every mistake is a UserError naming the file and the key: a missing,
 unexpected or wrongly shaped weight, a missing shard, a truncated or foreign file. Nothing is unpickled."""
-import json
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from cli import UserError
+from cli import UserError, read_json
 
 
 def read_weights(folder: Path, shapes: dict, dtype, optional: str) -> tuple[dict[str, Tensor], dict[str, Path]]:
@@ -15,7 +14,7 @@ def read_weights(folder: Path, shapes: dict, dtype, optional: str) -> tuple[dict
     Each file's shapes are checked against `shapes` before its tensors are read (`optional`'s is not checked)."""
     index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
     if index.is_file():
-        key_file = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        key_file = {k: folder / f for k, f in read_json(index)["weight_map"].items()}
     elif single.is_file():
         with _open(single) as f:
             key_file = dict.fromkeys(f.keys(), single)
