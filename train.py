@@ -190,6 +190,7 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
                                     route=args.route)
         sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
         n += len(b)
+    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
     scorer.train()
     return {"eval_" + k: v for k, v in distributed.mean_over_ranks(sums, n, device).items()}
 
@@ -201,6 +202,7 @@ def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> No
     batch = packing.pack(pairs[:args.batch_size], pad_id, pack_tokens(args), device)
     with data.autocast(device, args.dtype):
         t = data.pair_logps(scorer, batch)
+    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
     policy = torch.cat([t["chosen_logps"], t["rejected_logps"]])
     cached = torch.cat([t["ref_chosen_logps"], t["ref_rejected_logps"]])
     # fp32 differs only by summation order; 16-bit autocast rounds each token's log-prob
