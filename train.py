@@ -82,7 +82,10 @@ def load_pairs(args, model_dir: Path, source: str, split: str, device, rank: int
         rows, _ = data.load_rows(source, split)
         return data.tokenize_pairs(rows, chat.load_tokenizer(model_dir), args.max_length, args.max_prompt_length,
                                    source=source, skip_bad_rows=args.skip_bad_rows)[0]
-    slug = "--".join(Path(x).name or x for x in (args.model, source, split)).replace("/", "_")
+    # one folder per header a run can ask for: runs of the same data in another dtype or length must not rebuild
+    # (or, running at the same time, overwrite) each other's cache
+    slug = "--".join(Path(x).name or x for x in (args.model, source, split, args.dtype,
+                                                  f"{args.max_length}-{args.max_prompt_length}")).replace("/", "_")
     cache = functools.partial(refcache.ref_cache, str(model_dir), None, source, split, args.max_length,
                               args.max_prompt_length, Path(args.cache_dir) / slug, dtype=args.dtype,
                               batch_size=args.batch_size, device=device, skip_bad_rows=args.skip_bad_rows)
