@@ -215,22 +215,25 @@ def amapo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor
 def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
            chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.01, difficulty_threshold: float = 0.5,
            difficulty: str = "score", sft_ref: bool = False, chosen_scores: Tensor, rejected_scores: Tensor,
+           gather: Callable[[Tensor], Tensor] | None = None,
            metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """MixDPO: DPO on easy pairs, SFT on difficult ones (Pang et al. 2026, arXiv 2602.00954).
 
     A pair is difficult when its margin is < τ (a margin exactly τ is easy): margin s_w − s_l of the annotation
     scores (`difficulty="score"`, the paper's) or the reference's log-likelihood margin S_ref(y_w) − S_ref(y_l)
     (`"ref_margin"`, its ablation). Easy pairs get DPO, −log σ(βz) (σ = sigmoid, z = Δ_w − Δ_l, Δ = S − S_ref);
-    difficult ones SFT on y_w with `sft`'s token mean inside their group, −S(y_w)·n_hard/Σ_hard|y_w| (so the batch
-    mean is (Σ_easy DPO + n_hard·token-mean NLL)/B), or with `sft_ref` the reference-anchored −log σ(βΔ_w) (the
-    "with reference" SFT row; the formula is our reading). All easy ⇒ `dpo`, all difficult ⇒ `sft`. The easy→hard
-    order is the data pipeline's job; this only routes. NaN scores raise ValueError.
+    difficult ones SFT on y_w with `sft`'s token mean inside their group, −S(y_w)·n_hard/Σ_hard|y_w| (n_hard and
+    Σ_hard over all ranks via `gather`; so the batch mean is (Σ_easy DPO + n_hard·token-mean NLL)/B), or with
+    `sft_ref` the reference-anchored −log σ(βΔ_w) (the "with reference" SFT row; the formula is our reading). All
+    easy ⇒ `dpo`, all difficult ⇒ `sft`. The easy→hard order is the data pipeline's job; this only routes. NaN
+    scores raise ValueError.
     Args:
         chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
         ref_*: [B] S_ref(y), the same for the frozen reference. chosen_lens, rejected_lens: [B] token counts |y| ≥ 1.
         beta: β (0.01, the authors' and the Alignment Handbook's). difficulty_threshold: τ (0.5). difficulty: "score"
         or "ref_margin" ("score"). sft_ref: anchored SFT on difficult pairs (False).
         chosen_scores, rejected_scores: [B] annotation scores s_w, s_l (e.g. UltraFeedback ratings).
+        gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks.
         metrics: unused (compute reports the "sft_fraction" of every routed batch).
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·Δ_w, β·Δ_l for all pairs, detached.
     """
@@ -245,7 +248,9 @@ def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tenso
         raise ValueError(f"mixdpo: chosen_scores/rejected_scores are NaN for batch pair(s) {bad[:10]}; "
                          "MixDPO routes by annotation scores, so the data must have them")
     hard = margin < difficulty_threshold
-    nll = -chosen_logps.to(dt) * hard.sum() / (chosen_lens.to(dt) * hard).sum().clamp_min(1.0)
+    hard_lens = torch.where(hard, chosen_lens, 0)  # |y_w| of the difficult pairs, 0 for the easy ones (|y| >= 1)
+    hard_lens = (hard_lens if gather is None else gather(hard_lens)).to(dt)
+    nll = -chosen_logps.to(dt) * (hard_lens > 0).sum() / hard_lens.sum().clamp_min(1.0)
     sft = -F.logsigmoid(beta * dw) if sft_ref else nll
     losses = torch.where(hard, sft, -F.logsigmoid(beta * (dw - dl)))
     return losses, (beta * dw).detach(), (beta * dl).detach()
@@ -772,21 +777,25 @@ def orpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
 
 def sft(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None,
         ref_rejected_logps: Tensor | None, chosen_lens: Tensor, rejected_lens: Tensor, *,
+        gather: Callable[[Tensor], Tensor] | None = None,
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SFT on the chosen answer, token-mean NLL (the Preferred-FT baseline of Rafailov et al. 2023, §6).
 
-    Batch loss Σ −S(y_w) / Σ |y_w| (a token mean over the batch). Since the caller averages per-pair losses, pair i
-    gets −S(y_w,i)·B / Σ|y_w|, whose mean is exactly that; for B = 1 it is −S/|y|.
+    Batch loss Σ −S(y_w) / Σ |y_w| (a token mean over the batch, all ranks' via `gather`). Since the caller averages
+    per-pair losses, pair i gets −S(y_w,i)·B / Σ|y_w| (B and Σ|y_w| of the whole batch), whose mean is exactly that;
+    for B = 1 it is −S/|y|.
     Args:
         chosen_logps, rejected_logps: [B] summed completion log-probs S(y) of the policy (a sum, not a mean).
         ref_*: unused; may be None. chosen_lens, rejected_lens: [B] completion token counts |y| ≥ 1.
-        metrics: unused. No hyperparameters.
+        gather: None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks (B may
+        be 0 on a rank: it still calls it). metrics: unused. No hyperparameters.
     Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards A = S/|y| (no β), detached.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
-    pc, lc = chosen_logps.to(dt), chosen_lens.to(dt)
-    losses = -pc * (pc.shape[0] / lc.sum())
-    return losses, (pc / lc).detach(), (rejected_logps.to(dt) / rejected_lens.to(dt)).detach()
+    pc = chosen_logps.to(dt)
+    lens = (chosen_lens if gather is None else gather(chosen_lens)).to(dt)
+    losses = -pc * (lens.shape[0] / lens.sum())
+    return losses, (pc / chosen_lens.to(dt)).detach(), (rejected_logps.to(dt) / rejected_lens.to(dt)).detach()
 
 
 def rpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -824,7 +833,8 @@ REFERENCE_FREE = {"slic", "simpo", "cpo", "orpo", "sft", "lmpo", "amapo"}
 NEEDS_REF = set(LOSSES) - REFERENCE_FREE        # keys that need ref_*_logps (the others accept None)
 NEEDS_SCORES = {"odpo", "mixdpo"}               # keys that take chosen_scores=, rejected_scores=
 STATEFUL = {"lmpo", "alpha_dpo"}                # keys that take state= (a dict the caller owns and checkpoints)
-GATHERS = {"lmpo", "alpha_dpo", "amapo", "kto"}  # keys that take gather= (batch statistics over all ranks)
+# keys that take gather= (batch statistics over all ranks; for sft and mixdpo, the token mean of the SFT term)
+GATHERS = {"lmpo", "alpha_dpo", "amapo", "kto", "sft", "mixdpo"}
 # Keyword-only names that are not hyperparameters: the loop sets these itself, everything else maps to a CLI flag.
 RUNTIME_KWARGS = ("chosen_scores", "rejected_scores", "state", "gather", "metrics")
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -887,7 +897,8 @@ def compute(key: str, batch: dict[str, Tensor], hparams: dict | None = None, *, 
         raise ValueError("mixdpo routes its pairs itself; route= is MixDPO's routing around the other keys")
     hard = difficult(batch, **route)
     parts = [(mask, *_compute(k, {n: v[mask] for n, v in batch.items()}, hp, state, gather))
-             for mask, k, hp in ((~hard, key, hparams), (hard, "sft", None)) if mask.any()]
+             for mask, k, hp in ((~hard, key, hparams), (hard, "sft", None))
+             if mask.any() or (k == "sft" and gather is not None)]  # sft's token mean gathers: every rank calls it
     order = torch.argsort(torch.cat([mask.nonzero().flatten() for mask, _, _ in parts]))
     losses = torch.cat([part for _, part, _ in parts])[order]
     metrics = {name: torch.cat([m[name] for _, _, m in parts])[order] for name in TRL_METRICS}
