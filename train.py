@@ -278,9 +278,13 @@ def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int
         raise UserError(f"--eval-data {args.eval_data}: no usable held-out pairs; fix it or pass --eval-split ''")
     micro = args.micro_batch_size or args.batch_size // world
     counts = {tuple(-(-len(b[r::world]) // micro) for r in range(world)) for b in plan}
-    if args.fsdp and any(len(set(c)) > 1 for c in counts):  # FSDP2's forwards are collective
-        raise UserError(f"--fsdp: a partial batch splits into unequal numbers of micro-batches across the {world} "
-                        "ranks; drop --micro-batch-size, or use --order length (full batches only)")
+    # collective per micro-batch: FSDP2's forwards, the gathered batch statistics, routed SFT's token mean
+    collective = ("--fsdp" if args.fsdp else f"--loss {args.loss}" if args.loss in losses.GATHERS
+                  else "--route-difficult" if args.route else None)
+    if world > 1 and collective and any(len(set(c)) > 1 for c in counts):
+        raise UserError(f"{collective}: a partial batch splits into unequal numbers of micro-batches across the "
+                        f"{world} ranks (each micro-batch is a collective step); drop --micro-batch-size, or use "
+                        "--order length (full batches only)")
     if world > 1 and args.route and args.loss in losses.GATHERS and args.order in ("per-epoch", "random"):
         raise UserError(f"--route-difficult with --loss {args.loss} under DDP needs batches that are all easy or all "
                         f"difficult (its batch statistics are gathered from every rank): use --order two-stage")

@@ -110,6 +110,21 @@ def test_runs_in_two_dtypes_keep_their_own_reference_cache(tmp_path, capsys):
     assert all("ref cache: reusing" in out and "rebuilding" not in out for out in said[2:]), said[2:]
 
 
+def test_unequal_micro_batches_across_ranks_are_refused_where_they_are_collective(tmp_path):
+    """A partial batch of 3 on 2 ranks with --micro-batch-size 1 is 2 micro-batches on rank 0 and 1 on rank 1. Where
+    each micro-batch is a collective (FSDP2's forwards; the gathered batch statistics of kto, or of the SFT token mean
+    under routing) rank 0 would wait forever for rank 1: refused before training; DDP with DPO runs it."""
+    plan, pairs = [list(range(8)), [8, 9, 10]], list(range(11))
+    for argv, refused in ((["--loss", "kto"], "--loss kto"), (["--loss", "simpo", "--route-difficult"],
+                                                              "--route-difficult"), (["--loss", "dpo"], None)):
+        args = train.get_args(["--demo", "--micro-batch-size", "1", "--eval-split", "", *argv])
+        if refused is None:
+            train.check_plan(args, pairs, [], plan, world=2)
+            continue
+        with pytest.raises(UserError, match=f"{refused}: a partial batch splits into unequal numbers of micro"):
+            train.check_plan(args, pairs, [], plan, world=2)
+
+
 def test_resume_is_exact(tmp_path, cache_dir, monkeypatch):
     """6 steps in one go == 3 steps, a crash, and --resume (same schedule, data order, optimizer, loss state)."""
     common = ["--loss", "lmpo", "--max-steps", "6", "--save-every", "3", "--eval-split", ""]
