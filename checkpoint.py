@@ -269,9 +269,12 @@ def log(out_dir: Path, row: dict) -> dict:
 
 
 def truncate_log(out_dir: Path, step: int) -> None:
-    """On resume: drop metrics.jsonl rows of steps after the checkpoint (the resumed run logs them again)."""
+    """On resume from the checkpoint of `step`: drop the metrics.jsonl rows the resumed run logs again, those of later
+    steps and the held-out evaluation row of `step` itself (train.py evaluates before it saves, and the resumed loop
+    starts at `step`, evaluating first). The training row of `step` (the update before the checkpoint) stays."""
     path = out_dir / "metrics.jsonl"
     if path.is_file():
         rows = data.read_records(path, strict=False)  # a torn last line of a killed run comes back as an error
-        keep = [row for row in rows if isinstance(row, dict) and row.get("step", 0) <= step]
+        keep = [row for row in rows if isinstance(row, dict) and (row.get("step", 0) < step or (
+            row.get("step") == step and not any(k.startswith("eval_") for k in row)))]
         cli.atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in keep)))

@@ -61,6 +61,16 @@ def wrap(scorer, args, device):
     return fully_shard(scorer, mp_policy=policy)  # the root: embedding, norm and LM head (tied or not)
 
 
+def reshard(scorer) -> None:
+    """After forwards without a backward (evaluation, the step-0 check): free FSDP2's gathered root weights. The root
+    keeps its parameters (embedding, final norm, tied head) gathered after a forward, for the backward that usually
+    follows; until it reshards, the model holds whole plain tensors in place of its shards, and a checkpoint or the
+    final export taken then would see a model that is not sharded. A no-op unless the scorer is FSDP2-wrapped."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(scorer, FSDPModule):
+        scorer.reshard()
+
+
 def sharded(model) -> bool:
     """Whether model's parameters are FSDP2 shards (DTensors) rather than whole tensors."""
     return isinstance(next(model.parameters()), DTensor)

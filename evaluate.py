@@ -97,9 +97,11 @@ def run_reference(args) -> dict:
     run = read_json(run_dir / "args.json")
     if args.ref_model or args.ref_cache or run.get("loss") not in losses.NEEDS_REF or not run.get("model"):
         return run
-    run.setdefault("cache_dir", "cache")  # train.py's default
+    for key, default in {"cache_dir": "cache", "dtype": "fp16", "max_length": 1024, "max_prompt_length": 256}.items():
+        run.setdefault(key, default)  # train.py's defaults
     args.ref_model, args.ref_revision = refcache.reference_model(run), run.get("revision")
-    args.ref_cache = str(refcache.cache_folder(run["cache_dir"], run["model"], args.data, args.split))
+    args.ref_cache = str(refcache.cache_folder(run["cache_dir"], run["model"], args.data, args.split, run["dtype"],
+                                               run["max_length"], run["max_prompt_length"]))
     if run.get("demo") and not Path(args.ref_model).is_dir():
         raise UserError(f"{run_dir / 'args.json'}: the run's reference, the demo's initial model {args.ref_model} "
                         f"(in its --cache-dir, relative to where train.py ran), is not there: run evaluate.py from "

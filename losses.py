@@ -25,7 +25,7 @@ The call, the same for every loss:
       [B] s_w, s_l; `state` (STATEFUL), a dict of running statistics that the caller owns: {} at the first step,
       then the same dict every step, checkpointed, and a copy when evaluating (each call is one update); `gather`
       (GATHERS), None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks, so
-      that batch statistics cover the global batch; `metrics`, None or a dict every loss fills with its extra
+      that batch statistics (and `sft`'s, `mixdpo`'s token mean) cover the global batch; `metrics`, None or a dict every loss fills with its extra
       detached 0-d tensors named "<key>/<what>";
     * a bad hyperparameter or input raises ValueError naming the loss.
 `compute(key, batch, hparams)` runs a key on a batch dict and adds TRL-named per-pair metrics; `route=` wraps any key
@@ -227,22 +227,25 @@ def difficult(batch: dict[str, Tensor], *, difficulty_threshold: float, difficul
 def mixdpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
            chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.01, difficulty_threshold: float = 0.5,
            difficulty: str = "score", sft_ref: bool = False, chosen_scores: Tensor, rejected_scores: Tensor,
+           gather: Callable[[Tensor], Tensor] | None = None,
            metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """MixDPO: DPO on easy pairs, SFT on difficult ones (Pang et al. 2026, arXiv 2602.00954).
 
     loss = −log σ(βz) on an easy pair; on a pair that `difficult` flags (margin < τ = difficulty_threshold;
     difficulty="score" s_w − s_l, the paper's, or "ref_margin" S_ref(y_w) − S_ref(y_l), its ablation as we read it),
-    `sft`'s token mean within the difficult group, −S(y_w)·n_hard/Σ_hard|y_w| (the batch mean holds their token-mean
-    NLL), or with sft_ref the reference-anchored −log σ(βΔ_w) (our reading of the "with reference" row). All easy ⇒
-    `dpo`, all difficult ⇒ `sft`. β = 0.01 is the Alignment Handbook's (the paper text gives none). The easy → hard
-    order is the data pipeline's; this only routes.
+    `sft`'s token mean within the difficult group, −S(y_w)·n_hard/Σ_hard|y_w| (n_hard, Σ_hard over all ranks via
+    `gather`: the batch mean holds their token-mean NLL), or with sft_ref the reference-anchored −log σ(βΔ_w) (our
+    reading of the "with reference" row). All easy ⇒ `dpo`, all difficult ⇒ `sft`. β = 0.01 is the Alignment
+    Handbook's (the paper text gives none). The easy → hard order is the data pipeline's; this only routes.
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
     dw, dl = chosen_logps.to(dt) - ref_chosen_logps.to(dt), rejected_logps.to(dt) - ref_rejected_logps.to(dt)
     batch = {"chosen_scores": chosen_scores, "rejected_scores": rejected_scores, "ref_chosen_logps": ref_chosen_logps,
             "ref_rejected_logps": ref_rejected_logps}
     hard = difficult(batch, difficulty_threshold=difficulty_threshold, difficulty=difficulty)
-    nll = -chosen_logps.to(dt) * hard.sum() / (chosen_lens.to(dt) * hard).sum().clamp_min(1.0)
+    hard_lens = torch.where(hard, chosen_lens, 0)  # |y_w| of the difficult pairs, 0 for the easy ones (|y| >= 1)
+    hard_lens = (hard_lens if gather is None else gather(hard_lens)).to(dt)
+    nll = -chosen_logps.to(dt) * (hard_lens > 0).sum() / hard_lens.sum().clamp_min(1.0)
     sft = -F.logsigmoid(beta * dw) if sft_ref else nll
     losses = torch.where(hard, sft, -F.logsigmoid(beta * (dw - dl)))
     return losses, (beta * dw).detach(), (beta * dl).detach()
@@ -642,15 +645,18 @@ def orpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor 
 
 def sft(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None,
         ref_rejected_logps: Tensor | None, chosen_lens: Tensor, rejected_lens: Tensor, *,
+        gather: Callable[[Tensor], Tensor] | None = None,
         metrics: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SFT on the chosen answer, token-mean NLL (the Preferred-FT baseline of Rafailov et al. 2023, §6).
 
-    loss_i = −S(y_w,i)·B / Σ_j|y_w,j|, so that the batch mean is the token mean Σ −S(y_w) / Σ |y_w| (for B = 1, −A_w).
+    loss_i = −S(y_w,i)·B / Σ_j|y_w,j|, so that the batch mean is the token mean Σ −S(y_w) / Σ |y_w|
+    (B and Σ|y_w| over all ranks via `gather`, which a rank with B = 0 still calls; for B = 1, −A_w).
     """
     dt = torch.promote_types(chosen_logps.dtype, torch.float32)
-    pc, len_w = chosen_logps.to(dt), chosen_lens.to(dt)
-    losses = -pc * (pc.shape[0] / len_w.sum())
-    return losses, (pc / len_w).detach(), (rejected_logps.to(dt) / rejected_lens.to(dt)).detach()
+    pc = chosen_logps.to(dt)
+    lens = (chosen_lens if gather is None else gather(chosen_lens)).to(dt)
+    losses = -pc * (lens.shape[0] / lens.sum())
+    return losses, (pc / chosen_lens.to(dt)).detach(), (rejected_logps.to(dt) / rejected_lens.to(dt)).detach()
 
 
 def rpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -682,7 +688,8 @@ REFERENCE_FREE = {"slic", "simpo", "cpo", "orpo", "sft", "lmpo", "amapo"}
 NEEDS_REF = set(LOSSES) - REFERENCE_FREE        # keys that need ref_*_logps (the others accept None)
 NEEDS_SCORES = {"odpo", "mixdpo"}               # keys that take chosen_scores=, rejected_scores=
 STATEFUL = {"lmpo", "alpha_dpo"}                # keys that take state= (a dict the caller owns and checkpoints)
-GATHERS = {"lmpo", "alpha_dpo", "amapo", "kto"}  # keys that take gather= (batch statistics over all ranks)
+# keys that take gather= (batch statistics over all ranks; for sft and mixdpo, the token mean of the SFT term)
+GATHERS = {"lmpo", "alpha_dpo", "amapo", "kto", "sft", "mixdpo"}
 NEEDS_TWO = {"aot", "aot_unpaired", "kto"}  # keys that need >= 2 pairs in a batch (AOT sorts them, KTO's z0 is a mean)
 # Keyword-only names that are not hyperparameters: the loop sets these itself, everything else maps to a CLI flag.
 RUNTIME_KWARGS = ("chosen_scores", "rejected_scores", "state", "gather", "metrics")
@@ -733,7 +740,8 @@ def compute(key: str, batch: dict[str, Tensor], hparams: dict | None = None, *, 
         raise ValueError("mixdpo routes its pairs itself; route= is MixDPO's routing around the other keys")
     hard = difficult(batch, **route)
     parts = [(mask, *_compute(k, {n: v[mask] for n, v in batch.items()}, hp, state, gather))
-             for mask, k, hp in ((~hard, key, hparams), (hard, "sft", None)) if mask.any()]
+             for mask, k, hp in ((~hard, key, hparams), (hard, "sft", None))
+             if mask.any() or (k == "sft" and gather is not None)]  # sft's token mean gathers: every rank calls it
     order = torch.argsort(torch.cat([mask.nonzero().flatten() for mask, _, _ in parts]))
     losses = torch.cat([part for _, part, _ in parts])[order]
     metrics = {name: torch.cat([m[name] for _, _, m in parts])[order] for name in TRL_METRICS}

@@ -27,10 +27,13 @@ CACHE_KEYS = ("format_version", "weights_sha256", "tokenizer_sha256", "data_sha2
               "max_prompt_length", "template", "dtype")  # a cache is reused iff all of these match
 
 
-def cache_folder(cache_dir, model: str, data_source: str, split: str) -> Path:
-    """The folder under --cache-dir where train.py keeps the reference cache of (model, data, split); evaluate.py
-    prefs looks for a run's cache there."""
-    return Path(cache_dir) / "--".join(Path(x).name or x for x in (model, data_source, split)).replace("/", "_")
+def cache_folder(cache_dir, model: str, data_source: str, split: str, dtype: str, max_length: int,
+                 max_prompt_length: int) -> Path:
+    """The folder under --cache-dir where train.py keeps the reference cache of (model, data, split, dtype, lengths);
+    evaluate.py prefs looks for a run's cache there. One folder per header a run can ask for: runs of the same data
+    in another dtype or length must not rebuild (or, running at the same time, overwrite) each other's cache."""
+    parts = (model, data_source, split, dtype, f"{max_length}-{max_prompt_length}")
+    return Path(cache_dir) / "--".join(Path(x).name or x for x in parts).replace("/", "_")
 
 
 def reference_model(run: dict) -> str:

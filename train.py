@@ -84,7 +84,8 @@ def load_pairs(args, model_dir: Path, source: str, split: str, device, rank: int
         rows, _ = data.load_rows(source, split)
         return data.tokenize_pairs(rows, chat.load_tokenizer(model_dir), args.max_length, args.max_prompt_length,
                                    source=source, skip_bad_rows=args.skip_bad_rows)[0]
-    folder = refcache.cache_folder(args.cache_dir, args.model, source, split)
+    folder = refcache.cache_folder(args.cache_dir, args.model, source, split, args.dtype, args.max_length,
+                                   args.max_prompt_length)
     cache = functools.partial(refcache.ref_cache, str(model_dir), None, source, split, args.max_length,
                               args.max_prompt_length, folder, dtype=args.dtype, batch_size=args.batch_size,
                               device=device, skip_bad_rows=args.skip_bad_rows)
@@ -210,6 +211,7 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
                                     route=args.route)
         sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
         n += len(b)
+    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
     scorer.train()
     return {"eval_" + k: v for k, v in distributed.mean_over_ranks(sums, n, device).items()}
 
@@ -221,6 +223,7 @@ def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> No
     batch = packing.pack(pairs[:args.batch_size], pad_id, pack_tokens(args), device)
     with data.autocast(device, args.dtype):
         t = data.pair_logps(scorer, batch)
+    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
     policy = torch.cat([t["chosen_logps"], t["rejected_logps"]])
     cached = torch.cat([t["ref_chosen_logps"], t["ref_rejected_logps"]])
     # fp32 differs only by summation order; 16-bit autocast rounds each token's log-prob
@@ -293,9 +296,13 @@ def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int
         raise UserError(f"--eval-data {args.eval_data}: no usable held-out pairs; fix it or pass --eval-split ''")
     micro = args.micro_batch_size or args.batch_size // world
     counts = {tuple(-(-len(b[r::world]) // micro) for r in range(world)) for b in plan}
-    if args.fsdp and any(len(set(c)) > 1 for c in counts):  # FSDP2's forwards are collective
-        raise UserError(f"--fsdp: a partial batch splits into unequal numbers of micro-batches across the {world} "
-                        "ranks; drop --micro-batch-size, or use --order length (full batches only)")
+    # collective per micro-batch: FSDP2's forwards, the gathered batch statistics, routed SFT's token mean
+    collective = ("--fsdp" if args.fsdp else f"--loss {args.loss}" if args.loss in losses.GATHERS
+                  else "--route-difficult" if args.route else None)
+    if world > 1 and collective and any(len(set(c)) > 1 for c in counts):
+        raise UserError(f"{collective}: a partial batch splits into unequal numbers of micro-batches across the "
+                        f"{world} ranks (each micro-batch is a collective step); drop --micro-batch-size, or use "
+                        "--order length (full batches only)")
     easy = easy_pairs(train_pairs, args) if args.loss in losses.NEEDS_TWO else None
     if easy and any(sum(easy[i] for i in b[r::world]) == 1 for b in plan for r in range(world)):
         raise UserError(f"--route-difficult with --loss {args.loss} over {world} ranks: a rank's share of a batch "

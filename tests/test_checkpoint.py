@@ -75,6 +75,17 @@ def test_truncate_log_keeps_rows_up_to_the_checkpoint(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+def test_truncate_log_drops_the_evaluation_the_resumed_run_repeats(tmp_path):
+    """A run evaluates at step 2, then saves ckpt-2, then logs step 3 and is killed. Resuming at step 2 evaluates at
+    step 2 again (the loop evaluates before it saves): that row goes, or metrics.jsonl would hold it twice; the
+    training row of step 2 (the update before the checkpoint) and the evaluation of step 1 stay."""
+    rows = [{"step": 1, "eval_rewards/accuracies": 0.5}, {"step": 2, "loss": 0.6},
+            {"step": 2, "eval_rewards/accuracies": 0.7}, {"step": 3, "loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint.truncate_log(tmp_path, 2)
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == rows[:2]
+
+
 def test_check_resume_lists_every_result_changing_difference(tmp_path):
     (tmp_path / "args.json").write_text(json.dumps({"loss": "dpo", "lr": 0.1, "device": "cpu", "max_steps": 5}))
     new = argparse.Namespace(loss="dpo", lr=0.2, device="cuda", max_steps=6)

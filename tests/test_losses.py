@@ -1024,6 +1024,24 @@ def test_gather_uses_statistics_of_all_ranks(key):
     assert close(out, run(key, full)[0][:3])
 
 
+def test_sft_token_mean_covers_all_ranks_also_when_routed():
+    """SFT's token mean (sft, mixdpo's difficult pairs, routed SFT) is a batch statistic: on two simulated ranks with
+    `gather`, each rank's losses equal the one-process batch's, so 2 ranks train as one process. A routed rank with
+    no difficult pair still gathers once, like the rank that has some (a collective every rank must join)."""
+    full = rand_batch(B=6, seed=9)  # difficult by score (< 0.5): pairs 0 (a tie) and 1; lengths differ
+    route = {"difficulty_threshold": 0.5, "difficulty": "score"}
+    for key, kw, ranks in (("sft", {}, ([0, 2, 3], [1, 4, 5])), ("mixdpo", {}, ([0, 2, 3], [1, 4, 5])),
+                           ("simpo", {"route": route}, ([0, 2, 3], [1, 4, 5])),
+                           ("simpo", {"route": route}, ([0, 1, 2], [3, 4, 5]))):
+        mine, other = ({k: v[idx] for k, v in full.items()} for idx in ranks)
+        seen, calls = [], []
+        compute(key, as_batch(other), gather=lambda t: seen.append(t) or t, **kw)
+        theirs = iter(seen)
+        out = compute(key, as_batch(mine), gather=lambda t: calls.append(t) or torch.cat([t, next(theirs)]), **kw)[0]
+        assert close(out, compute(key, as_batch(full), **kw)[0][ranks[0]]), (key, ranks)
+        assert len(calls) == len(seen) == 1, (key, ranks)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------------

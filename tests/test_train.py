@@ -96,6 +96,35 @@ def test_step0_check_catches_a_wrong_cache(tmp_path, cache_dir, monkeypatch):
         demo(tmp_path, cache_dir, "--loss", "dpo", "--max-steps", "1", "--eval-split", "")
 
 
+def test_runs_in_two_dtypes_keep_their_own_reference_cache(tmp_path, capsys):
+    """An fp32 and a bf16 run of the same data sharing --cache-dir (a sweep) each keep their own reference cache:
+    neither rebuilds, nor (running at the same time) overwrites, the other's."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(open(ROOT / "demo/train.jsonl").readlines()[:8]))
+    said = []
+    for dtype in ("fp32", "bf16", "fp32", "bf16"):
+        args = train.get_args(["--demo", "--data", str(data), "--eval-split", "", "--cache-dir", str(tmp_path / "c"),
+                               "--dtype", dtype])
+        train.load_pairs(args, train.model_folder(args, 0), args.data, args.split, torch.device("cpu"), 0)
+        said.append(capsys.readouterr().out)
+    assert all("ref cache: reusing" in out and "rebuilding" not in out for out in said[2:]), said[2:]
+
+
+def test_unequal_micro_batches_across_ranks_are_refused_where_they_are_collective(tmp_path):
+    """A partial batch of 3 on 2 ranks with --micro-batch-size 1 is 2 micro-batches on rank 0 and 1 on rank 1. Where
+    each micro-batch is a collective (FSDP2's forwards; the gathered batch statistics of kto, or of the SFT token mean
+    under routing) rank 0 would wait forever for rank 1: refused before training; DDP with DPO runs it."""
+    plan, pairs = [list(range(8)), [8, 9, 10]], list(range(11))
+    for argv, refused in ((["--loss", "kto"], "--loss kto"), (["--loss", "simpo", "--route-difficult"],
+                                                              "--route-difficult"), (["--loss", "dpo"], None)):
+        args = train.get_args(["--demo", "--micro-batch-size", "1", "--eval-split", "", *argv])
+        if refused is None:
+            train.check_plan(args, pairs, [], plan, world=2)
+            continue
+        with pytest.raises(UserError, match=f"{refused}: a partial batch splits into unequal numbers of micro"):
+            train.check_plan(args, pairs, [], plan, world=2)
+
+
 def test_resume_is_exact(tmp_path, cache_dir, monkeypatch):
     """6 steps in one go == 3 steps, a crash, and --resume (same schedule, data order, optimizer, loss state)."""
     common = ["--loss", "lmpo", "--max-steps", "6", "--save-every", "3", "--eval-split", ""]
