@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import packing
 from chat import ChatTokenizer
-from cli import UserError
+from infra.cli import UserError
 from model import TOKENIZER_FILES, CausalLM
 
 DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
@@ -486,6 +486,6 @@ def balance_routed(batches: list[list[int]], hard: list[bool], min_pairs: int = 
 
 
 if __name__ == "__main__":  # `python data.py ...` builds a reference cache (refcache.py)
-    import cli
+    from infra import cli
     import refcache
     cli.run_cli(refcache.main)

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 
 import chat
-import cli
+from infra import cli
 import data
 import generate
-import judge
+from evaluation import judge
 import losses
-import mt_bench
-import provenance
+from evaluation import mt_bench
+from infra import provenance
 import refcache
-import report
-from cli import UserError, read_json
+from evaluation import report
+from infra.cli import UserError, read_json
 
 
 def length_stats(values) -> dict:

@@ -26,9 +26,9 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from cli import UserError, read_json
+from infra.cli import UserError, read_json
 from logprobs import token_logps
-from weights import read_weights
+from infra.weights import read_weights
 
 _flex_compiled = functools.cache(lambda: torch.compile(flex_attention, dynamic=False))  # built on first CUDA use
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",

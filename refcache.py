@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import packing
 from chat import load_tokenizer
-from cli import ArgumentParser, HelpFormatter, UserError, atomic_write, read_json
+from infra.cli import ArgumentParser, HelpFormatter, UserError, atomic_write, read_json
 from data import (DEFAULT_DATASET, DEFAULT_MODEL, DTYPES, TEMPLATE_ID, Pair, files_sha256, load_rows,
                   resolve_model_dir, score_pairs, tokenize_pairs)
 from model import CausalLM

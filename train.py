@@ -15,18 +15,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import chat
-import checkpoint
-import cli
+from infra import checkpoint
+from infra import cli
 import data
-import distributed
+from infra import distributed
 import losses
 import packing
-import provenance
-import recipes
+from infra import provenance
+from infra import recipes
 import refcache
-import tracking
-from cli import UserError
-from flags import HERE, get_args, mixdpo_settings
+from infra import tracking
+from infra.cli import UserError
+from infra.flags import HERE, get_args, mixdpo_settings
 from model import CausalLM, Config
 
 

@@ -40,7 +40,7 @@ import chat  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
-from cli import UserError  # noqa: E402
+from infra.cli import UserError  # noqa: E402
 from model import CausalLM, Config  # noqa: E402
 
 CONFIGS = {  # "real" = Qwen2.5-0.5B-Instruct's shape (the dataclass defaults)

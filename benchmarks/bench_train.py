@@ -317,7 +317,7 @@ def workload_attention(args) -> dict:
 
 def run_scale_child(args) -> dict:
     """One rank of the scale workload (under torchrun, or alone): per-rank median step time and peak RSS."""
-    import distributed
+    from infra import distributed
     args.device, args.fsdp = "cpu", args.engine == "fsdp"
     rank, world, device = distributed.setup(argparse.Namespace(device="cpu", batch_size=args.batch_size))
     torch.manual_seed(args.seed)

@@ -19,7 +19,7 @@ import chat
 import data
 import packing
 import refcache
-from cli import UserError
+from infra.cli import UserError
 from data import Pair, load_rows, make_batches, tokenize_pairs
 from refcache import ref_cache
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import evaluate
-import judge
-import mt_bench
-import winrate
-from cli import UserError
+from evaluation import judge
+from evaluation import mt_bench
+from evaluation import winrate
+from infra.cli import UserError
 
 
 # ----------------------------------------------------------------------------- a fake OpenAI endpoint

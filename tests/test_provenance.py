@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import evaluate
-import provenance
+from infra import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT_ENV = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "t",
@@ -37,11 +37,12 @@ def commit_all(folder: Path, message: str) -> str:
 
 
 def copy_code(dst: Path) -> Path:
-    """The code a run needs (every top-level .py, demo/, .gitignore), copied to dst."""
+    """The code a run needs (every top-level .py, infra/, evaluation/, demo/, .gitignore), copied to dst."""
     dst.mkdir(parents=True)
     for f in [*ROOT.glob("*.py"), ROOT / ".gitignore"]:
         shutil.copy(f, dst)
-    shutil.copytree(ROOT / "demo", dst / "demo")
+    for folder in ("infra", "evaluation", "demo"):
+        shutil.copytree(ROOT / folder, dst / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
 

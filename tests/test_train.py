@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 import chat
-import checkpoint
-import cli
+from infra import checkpoint
+from infra import cli
 import data
-import flags
+from infra import flags
 import losses
 import packing
-import recipes
+from infra import recipes
 import train
-from cli import UserError
+from infra.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -529,7 +529,7 @@ def test_tensorboard_gets_the_metrics_rows(tmp_path, cache_dir):
 
 
 def test_report_to_a_missing_package_is_a_one_line_hint(monkeypatch, capsys):
-    import tracking
+    from infra import tracking
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as e:
         train.get_args(["--report-to", "wandb"])
@@ -599,7 +599,7 @@ def test_scale_out_pointers_lead_to_a_page_that_exists():
     """recipes.py and LOSSES.md point to docs/scale-out.md (there was no "README: Scale-out" section); the page says
     what --resume may change, that it cannot extend a run, and how to plan GPU memory without a GPU."""
     page = ROOT / "docs" / "scale-out.md"
-    for f in ("recipes.py", "LOSSES.md", "README.md"):
+    for f in ("infra/recipes.py", "LOSSES.md", "README.md"):
         text = (ROOT / f).read_text()
         assert "README: Scale-out" not in text and "docs/scale-out.md" in text, f
     text = page.read_text()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import UserError
+from infra.cli import UserError
 
 
 def setup(args) -> tuple[int, int, torch.device]:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+from infra import cli
 import data
-import judge
-import provenance
-from cli import UserError
+from evaluation import judge
+from infra import provenance
+from infra.cli import UserError
 
 NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")  # graded against a reference answer
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,

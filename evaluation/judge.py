@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import cli
+from infra import cli
 import data
-import provenance
-import winrate
-from cli import UserError
+from infra import provenance
+from evaluation import winrate
+from infra.cli import UserError
 
 # Our own judge prompt (ChatML, alpaca_eval's template format); --judge-template replaces it with an official one.
 BUILTIN_TEMPLATE = """<|im_start|>system

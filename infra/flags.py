@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-import cli
+from infra import cli
 import data
 import losses
-import plan
-import recipes
-import tracking
-from cli import UserError
+from infra import plan
+from infra import recipes
+from infra import tracking
+from infra.cli import UserError
 
 USAGE = """Preference fine-tuning of Qwen2.5-0.5B-Instruct with any loss of losses.LOSSES: the bare fp16 AMP loop.
 
@@ -31,7 +31,7 @@ and only after every flag and input has been checked. Exit status: 0 when the ru
 2 for a mistake in the input (one line), anything else for a crash.
 """  # the --help text
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root (demo/)
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
             max_length=128, max_prompt_length=96, epochs=3, lr=1e-3, warmup_ratio=0.05, eval_every=50,
             log_every=10, out_dir="runs/demo-{loss}", cache_dir="runs/demo-cache", schedule="cosine",

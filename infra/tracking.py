@@ -4,7 +4,7 @@ found when the arguments are checked, before any work."""
 import importlib.util
 import math
 
-from cli import UserError
+from infra.cli import UserError
 
 PACKAGES = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 import data
-from cli import UserError
+from infra.cli import UserError
 
 GAMED_HUB = ("tatsu-lab/alpaca_eval", "df_gamed.csv")  # dataset repo, file
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV(Cs=10)

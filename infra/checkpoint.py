@@ -25,10 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import cli
+from infra import cli
 import data
-import distributed
-from cli import UserError, read_json
+from infra import distributed
+from infra.cli import UserError, read_json
 from model import CausalLM
 
 # Arguments that do not change what is trained: they may differ when a run is resumed.

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import data
-from cli import UserError
+from infra.cli import UserError
 from model import CausalLM, Config
 
 ACT_D = {4: 37.5, 2: 34.9}  # bytes per hidden unit and token a decoder layer keeps, by compute-dtype size (fp32, 16-bit)
@@ -33,7 +33,7 @@ GIB = 2.0 ** 30
 def config_of(args) -> Config:
     """The policy's config.json: the demo's, a local folder's, or the Hub's (that one file only)."""
     if args.demo and args.model == "demo":
-        return Config.from_json(Path(__file__).resolve().parent / "demo" / "config.json")
+        return Config.from_json(Path(__file__).resolve().parent.parent / "demo" / "config.json")
     folder = Path(args.model).expanduser()
     if folder.is_dir():
         return Config.from_json(folder / "config.json") if (folder / "config.json").is_file() else \

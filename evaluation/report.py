@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+from infra import cli
 import data
 import losses
-import provenance
-from cli import UserError, read_json
+from infra import provenance
+from infra.cli import UserError, read_json
 
 
 def normalise(row: dict) -> dict:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-import cli
+from infra import cli
 import data
 import refcache
-from cli import UserError
+from infra.cli import UserError
 
-HERE = Path(__file__).resolve().parent  # the code whose commit is recorded
+HERE = Path(__file__).resolve().parent.parent  # the repository root: the code whose commit is recorded
 PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "jinja2", "transformers", "triton")  # None: not installed
 GIT_TIMEOUT = 20  # seconds: a git stuck on a lock or a network filesystem must not stop a run
 DIFF_COVERS = ("`git diff HEAD --binary` (staged and unstaged changes to tracked files), then the path and sha256 of "
