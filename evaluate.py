@@ -7,7 +7,7 @@
     python evaluate.py diagnostics RUN [RUN ...] --out DIR
     python evaluate.py report RUN [RUN ...] --out DIR
 
-prefs scores held-out pairs with the training path (data.score_pairs -> losses.compute), generate decodes with
+prefs scores held-out pairs with the training path (batches.score_pairs -> losses.compute), generate decodes with
 generate.py, judge is judge.py's client with AlpacaEval's protocol (winrate.py's statistics) or mt_bench.py's
 FastChat grading, diagnostics and report (report.py) read what train.py and the other commands wrote.
 """
@@ -21,16 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import batches
 import chat
-from infra import cli
 import data
 import generate
-from evaluation import judge
 import losses
-from evaluation import mt_bench
-from infra import provenance
 import refcache
-from evaluation import report
+from evaluation import judge, mt_bench, report
+from infra import cli, hub, precision, provenance
 from infra.cli import UserError, read_json
 
 
@@ -45,7 +43,7 @@ def length_stats(values) -> dict:
 
 def load_policy(args, dtype=torch.float32):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    policy = data.load_model(args.model, args.revision, dtype=dtype).to(device)
+    policy = hub.load_model(args.model, args.revision, dtype=dtype).to(device)
     return policy, chat.load_tokenizer(policy.source_dir)
 
 
@@ -146,7 +144,7 @@ def cmd_prefs(args) -> dict:
     reward = "beta*(S-S_ref)" if key in losses.NEEDS_REF else "beta*S/|y|"
     print(f"prefs: {len(pairs)} pairs (max_length {max_len}, max_prompt_length {max_prompt}), loss {key}, "
           f"reward {reward}, reference {reference or 'none'}, {hparams}")
-    t = data.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
+    t = batches.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
                          next(policy.parameters()).device, args.dtype, budget=2 * max_len)
     res = {"reward": reward, "reference": reference, "beta": hparams.get("beta", 1.0),
            **preference_metrics(score(key, t, hparams)[1]),
@@ -165,7 +163,8 @@ def cmd_prefs(args) -> dict:
 def load_prompts(bench: str) -> tuple[str, list[dict]]:
     """('alpaca', rows with 'instruction') or ('mt_bench', rows with 'question_id', 'category', 'turns')."""
     if bench == "alpaca_eval":
-        bench = str(judge.hub_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", "dataset", "--bench"))
+        bench = str(hub.hub_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", "dataset",
+                                 "download it elsewhere and pass --bench PATH"))
     elif bench == "mt_bench":
         bench = mt_bench.source(bench, "--questions")
     rows, out = data.read_records(bench), []
@@ -207,7 +206,7 @@ def cmd_generate(args) -> dict:
     rows = rows[:args.limit] if args.limit else rows
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
-    policy, tok = load_policy(args, data.DTYPES[dtype])
+    policy, tok = load_policy(args, precision.DTYPES[dtype])
     samplings = decoding(kind, rows, args, policy.source_dir)
     stop_ids, stop_strings = generate.stops(policy, tok)
     name = args.name or "-".join(Path(args.model).parts[-2:])  # runs/dpo/final -> dpo-final
@@ -270,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--model", required=True, help="checkpoint folder or Hub model id")
         g.add_argument("--revision", default=None, help="Hub revision of --model")
         g.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
-        g.add_argument("--dtype", choices=list(data.DTYPES), default="fp32" if name == "prefs" else None,
+        g.add_argument("--dtype", choices=list(precision.DTYPES), default="fp32" if name == "prefs" else None,
                        help="prefs: autocast dtype of the forward passes (weights stay fp32, as in training); "
                        "generate: weight and KV-cache dtype (None: bf16 on CUDA, fp32 on CPU)")
         g.add_argument("--batch-size", type=int, default=8, help="prefs: pairs per forward pass; generate: sequences "

@@ -15,16 +15,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import chat
-from infra import checkpoint
-from infra import cli
 import data
-from infra import distributed
 import losses
 import packing
-from infra import provenance
-from infra import recipes
 import refcache
-from infra import tracking
+from batches import (balance_routed, curriculum_batches, difficulty_margins, make_batches, merge_short_last,
+                     pair_logps)
+from infra import checkpoint, cli, distributed, hub, precision, provenance, recipes, tracking
 from infra.cli import UserError
 from infra.flags import HERE, get_args, mixdpo_settings
 from model import CausalLM, Config
@@ -102,15 +99,15 @@ def needs_ref(args) -> bool:
 
 def epoch_batches(pairs: list[data.Pair], args, epoch: int) -> list[list[int]]:
     """Batches of indices of epoch `epoch` of the run: --order length buckets by length and keeps full batches
-    only (the partial last batch is left out and counted); the others (data.curriculum_batches) train every pair,
+    only (the partial last batch is left out and counted); the others (curriculum_batches) train every pair,
     and two-stage and reversed runs have 2 x --epochs epochs, one stage after the other."""
     if args.order == "length":
-        batches = data.make_batches(pairs, args.batch_size, seed=args.seed + epoch)
+        batches = make_batches(pairs, args.batch_size, seed=args.seed + epoch)
         return routable([b for b in batches if len(b) == args.batch_size], pairs, args)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return routable(data.curriculum_batches(pairs, args.batch_size, epoch, epochs=args.epochs, order=args.order,
-                                            discard_difficult=args.discard_difficult, seed=args.seed + epoch,
-                                            min_last=max(2, world), **(mixdpo_settings(args) or {})), pairs, args)
+    return routable(curriculum_batches(pairs, args.batch_size, epoch, epochs=args.epochs, order=args.order,
+                                       discard_difficult=args.discard_difficult, seed=args.seed + epoch,
+                                       min_last=max(2, world), **(mixdpo_settings(args) or {})), pairs, args)
 
 
 def easy_pairs(pairs: list[data.Pair], args) -> list[bool] | None:
@@ -118,16 +115,16 @@ def easy_pairs(pairs: list[data.Pair], args) -> list[bool] | None:
     None for a run without routing."""
     if not args.route:
         return None
-    margins = data.difficulty_margins(pairs, args.route["difficulty"])
+    margins = difficulty_margins(pairs, args.route["difficulty"])
     return [m >= args.route["difficulty_threshold"] for m in margins]
 
 
 def routable(batches: list[list[int]], pairs: list[data.Pair], args) -> list[list[int]]:
     """--route-difficult around a loss that needs >= 2 pairs per batch (losses.NEEDS_TWO): the batches exchange
-    pairs so that the loss sees 0 or >= 2 of each (data.balance_routed); other runs' batches as they are."""
+    pairs so that the loss sees 0 or >= 2 of each (batches.balance_routed); other runs' batches as they are."""
     if not (args.route and args.loss in losses.NEEDS_TWO):
         return batches
-    return data.balance_routed(batches, [not e for e in easy_pairs(pairs, args)])
+    return balance_routed(batches, [not e for e in easy_pairs(pairs, args)])
 
 
 def run_batches(pairs: list[data.Pair], args) -> list[list[int]]:
@@ -148,8 +145,8 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
     sums, step_loss, tokens = {}, 0.0, 0
     for k, batch in enumerate(micro_batches):
         with distributed.gradient_sync(scorer, k == len(micro_batches) - 1):
-            with data.autocast(batch["input_ids"].device, dtype):
-                t = data.pair_logps(scorer, batch)
+            with precision.autocast(batch["input_ids"].device, dtype):
+                t = pair_logps(scorer, batch)
             per_pair, metrics = loss(t)
             # sum / global batch, times world: DDP and FSDP average gradients over ranks: this is the global mean
             micro_loss = per_pair.sum() * world / batch_size
@@ -191,19 +188,15 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
     """Held-out TRL metrics (prefixed eval_, as TRL names them) over all pairs, each rank taking every world-th batch.
     The loss state is copied per batch: evaluation must not move the running statistics."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches = data.make_batches(pairs, args.batch_size, shuffle=False)
-    if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
-        last = batches.pop()
-        batches[-1] += last
-    batches = routable(batches, pairs, args)
+    batches = make_batches(pairs, args.batch_size, shuffle=False)
+    batches = routable(merge_short_last(batches, 2), pairs, args)  # batch-statistic losses need B >= 2
     mine = batches[rank::world]
     mine += [None] * (-(-len(batches) // world) - len(mine))  # FSDP2's forwards are collective: as many per rank
     scorer.eval()
     sums, n = {}, 0
     for b in mine:
-        with data.autocast(device, args.dtype):
-            t = data.pair_logps(scorer, packing.pack([pairs[i] for i in b or batches[0]], pad_id, pack_tokens(args),
-                                                     device))
+        with precision.autocast(device, args.dtype):
+            t = pair_logps(scorer, packing.pack([pairs[i] for i in b or batches[0]], pad_id, pack_tokens(args), device))
         if b is None:  # a padding forward: its result is not counted
             continue
         _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state),
@@ -219,8 +212,8 @@ def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> No
     """Before any update the policy *is* the reference: its log-probs must equal the cache and DPO's loss is ln 2.
     A mismatch means the cache was built from other weights, tokens or template: fail before training on it."""
     batch = packing.pack(pairs[:args.batch_size], pad_id, pack_tokens(args), device)
-    with data.autocast(device, args.dtype):
-        t = data.pair_logps(scorer, batch)
+    with precision.autocast(device, args.dtype):
+        t = pair_logps(scorer, batch)
     policy = torch.cat([t["chosen_logps"], t["rejected_logps"]])
     cached = torch.cat([t["ref_chosen_logps"], t["ref_rejected_logps"]])
     # fp32 differs only by summation order; 16-bit autocast rounds each token's log-prob
@@ -239,7 +232,7 @@ def model_folder(args, rank: int) -> Path:
     """The policy's local folder: the Hub download of --model, or for the demo a tiny init from scratch, built
     once per seed in --cache-dir (by rank 0; the others wait)."""
     if not (args.demo and args.model == "demo"):
-        return data.resolve_model_dir(args.model, args.revision)
+        return hub.resolve_model_dir(args.model, args.revision)
     folder = Path(refcache.reference_model(vars(args)))
     if rank == 0 and not (folder / "model.safetensors").is_file():
         build_demo_model(args, folder.with_suffix(".tmp"))

@@ -40,10 +40,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from infra import cli
 import data
-from infra import provenance
 from evaluation import winrate
+from infra import cli, hub, provenance
 from infra.cli import UserError
 
 # Our own judge prompt (ChatML, alpaca_eval's template format); --judge-template replaces it with an official one.
@@ -242,17 +241,6 @@ def run_pool(fn, items: list, concurrency: int, desc: str) -> list:
     return [fut.result() for fut in futures]
 
 
-def hub_file(repo: str, filename: str, repo_type: str, flag: str) -> Path:
-    """A file of a Hub dataset or space (huggingface_hub's cache); UserError naming the flag if unreachable."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
-    try:
-        return Path(hf_hub_download(repo, filename, repo_type=repo_type))
-    except (OSError, HfHubHTTPError) as e:  # offline, unreachable, no such file: all one message
-        raise UserError(f"cannot download {filename} of the Hub {repo_type} {repo} ({type(e).__name__}); download "
-                        f"it elsewhere and pass {flag} PATH") from None
-
-
 def check_answered(failed: int, total: int, what: str, cache: Path, allow_partial: bool) -> dict:
     """A judge run whose requests failed for some items (retries ran out) has no result over all of them: a
     UserError (exit 2) saying how many are missing and that the same command asks only for them (the others are
@@ -383,8 +371,8 @@ def cmd_judge(args) -> dict:
         if not (args.outputs and args.reference):
             raise UserError("judge --bench alpaca_eval: give --outputs and --reference (or --annotations)")
         if args.reference == "alpaca_eval":  # AlpacaEval 2's baseline: GPT-4 Turbo's outputs
-            args.reference = str(hub_file("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json", "dataset",
-                                          "--reference"))
+            args.reference = str(hub.hub_file("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json", "dataset",
+                                              "download it elsewhere and pass --reference PATH"))
         outs, refs = read_outputs(args.outputs), read_outputs(args.reference)
         ref = {r["instruction"]: r for r in refs}
         items = [dict(r, reference=ref[r["instruction"]]["output"]) for r in outs if r["instruction"] in ref]

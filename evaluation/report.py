@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from infra import cli
 import data
 import losses
-from infra import provenance
+from infra import cli, provenance
 from infra.cli import UserError, read_json
 
 

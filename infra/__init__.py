@@ -1,1 +1,2 @@
-"""Infrastructure: command lines, flags and recipes, checkpoints, distributed set-up, planning, tracking, provenance, weight files, the Hub, precision."""
+"""Infrastructure around the training core: command lines, flags and recipes, checkpoints, distributed set-up,
+memory plans, tracking, provenance, weight files, Hub downloads, precision."""

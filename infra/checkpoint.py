@@ -25,9 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from infra import cli
 import data
-from infra import distributed
+from infra import cli, distributed, precision
 from infra.cli import UserError, read_json
 from model import CausalLM
 
@@ -231,7 +230,7 @@ def export(model, out_dir: Path, dtype: str = "source") -> Path:
                         "--dtype bf16/fp32)")
     state, final, tmp = distributed.full_state_dict(model), out_dir / "final", out_dir / "final.tmp"
     if distributed.rank() == 0:
-        target = getattr(torch, model.config.torch_dtype) if dtype == "source" else data.DTYPES[dtype]
+        target = getattr(torch, model.config.torch_dtype) if dtype == "source" else precision.DTYPES[dtype]
         with torch.device("meta"):
             out = CausalLM(model.config)
         out.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)

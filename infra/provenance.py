@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from infra import cli
 import data
 import refcache
+from infra import cli
 from infra.cli import UserError
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root: the code whose commit is recorded

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from evaluation import judge
-from evaluation import mt_bench
-from evaluation import winrate
+from evaluation import judge, mt_bench, winrate
 from infra.cli import UserError
 
 

@@ -12,15 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import batches
 import chat
-from infra import checkpoint
-from infra import cli
 import data
-from infra import flags
 import losses
 import packing
-from infra import recipes
 import train
+from infra import checkpoint, cli, flags, recipes
 from infra.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,7 +292,7 @@ def test_train_step_is_one_exact_optimizer_step(tiny_model_dir):
     loss = functools.partial(losses.compute, "simpo")
     model = train.CausalLM.from_pretrained(tiny_model_dir).train()
     score = functools.partial(packing.packed_logps, model)
-    want = losses.compute("simpo", data.pair_logps(score, packing.pack(pairs, 0, budget=512)))[0].mean()
+    want = losses.compute("simpo", batches.pair_logps(score, packing.pack(pairs, 0, budget=512)))[0].mean()
     want.backward()
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
     whole, m1 = _step(tiny_model_dir, pairs, [4], loss)
@@ -313,7 +311,7 @@ def test_train_step_is_one_exact_optimizer_step(tiny_model_dir):
 
 @pytest.mark.parametrize("cli, argv, names", [
     ("train.py", ["--demo", "--loss", "dpo", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
-    ("data.py", ["--model", "no/such/dir/", "--data", "x.jsonl", "--out", "c"], "'no/such/dir/' does not exist"),
+    ("refcache.py", ["--model", "no/such/dir/", "--data", "x.jsonl", "--out", "c"], "'no/such/dir/' does not exist"),
     ("evaluate.py", ["diagnostics", "no_run", "--out", "d"], "diagnostics: no_run not found"),
 ])
 def test_cli_user_error_is_one_line_exit_2(cli, argv, names, tmp_path):
@@ -383,7 +381,7 @@ def test_curriculum_batches_orders():
     pair, shuffled per seed. discard_difficult: only the easy pairs. ref_margin reads the reference margins."""
     pairs, tau = _pairs(MARGINS), 0.5
     margins = lambda batches: [[MARGINS[i] for i in b] for b in batches]  # noqa: E731
-    batch = lambda epoch, **kw: data.curriculum_batches(pairs, 4, epoch, epochs=2, seed=epoch, min_last=2,  # noqa: E731
+    batch = lambda epoch, **kw: batches.curriculum_batches(pairs, 4, epoch, epochs=2, seed=epoch, min_last=2,  # noqa: E731
                                                         **kw)
     easy, hard = [[3.0, 2.5, 2.0, 1.5], [1.0, 0.75, 0.5]], [[0.4, 0.3, 0.2, 0.1], [0.0, -0.5]]
     assert [margins(batch(e)) for e in range(4)] == [easy, easy, hard, hard]
@@ -442,11 +440,11 @@ def test_curriculum_ties_are_shuffled_per_epoch():
     shuffle: it differs between epochs (seeds) and is not the file order. (Left unshuffled, every epoch would train
     the tied pairs in file order.)"""
     pairs = _pairs([1.0] * 6 + [0.0] * 6)
-    orders = [data.curriculum_batches(pairs, 12, 0, epochs=1, order="per-epoch", seed=seed)[0] for seed in range(4)]
+    orders = [batches.curriculum_batches(pairs, 12, 0, epochs=1, order="per-epoch", seed=seed)[0] for seed in range(4)]
     assert all(sorted(o[:6]) == list(range(6)) and sorted(o[6:]) == list(range(6, 12)) for o in orders)
     assert len({tuple(o[:6]) for o in orders}) > 1 and len({tuple(o[6:]) for o in orders}) > 1
     assert all(o != list(range(12)) for o in orders)
-    two_stage = [data.curriculum_batches(pairs, 6, 0, epochs=1, seed=seed)[0] for seed in range(4)]
+    two_stage = [batches.curriculum_batches(pairs, 6, 0, epochs=1, seed=seed)[0] for seed in range(4)]
     assert len({tuple(o) for o in two_stage}) > 1 and all(sorted(o) == list(range(6)) for o in two_stage)
 
 
