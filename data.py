@@ -40,7 +40,7 @@ import jinja2
 
 from chat import ChatTokenizer
 from infra import hub
-from infra.cli import UserError
+from infra.cli import UserError, read_json
 
 DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
 TEMPLATE_ID = "model-template/v2"  # bump when rendering or the prompt/completion split changes: invalidates caches
@@ -90,10 +90,7 @@ def read_records(path, strict: bool = True) -> list:
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON Lines
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return read_json(path, expect=list)
     rows = []
     for i, line in enumerate(text.splitlines()):
         try:

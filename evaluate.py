@@ -58,27 +58,27 @@ def preference_metrics(metrics: dict[str, torch.Tensor]) -> dict:
             "margins_p50": p50, "margins_p90": p90}
 
 
-def score(key: str, t: dict[str, torch.Tensor], hparams: dict) -> tuple[torch.Tensor, dict]:
+def score(key: str, batch: dict[str, torch.Tensor], hparams: dict) -> tuple[torch.Tensor, dict]:
     """losses.compute on held-out pairs (fresh running statistics); data a loss cannot score is a UserError."""
     try:  # the losses raise ValueError for data they cannot score (NaN or reversed scores, too few pairs)
-        return losses.compute(key, t, hparams, state={})
+        return losses.compute(key, batch, hparams, state={})
     except ValueError as e:
         raise UserError(f"--loss {key}: {e}") from None
 
 
-def loss_report(key: str, t: dict[str, torch.Tensor], hparams: dict) -> dict:
+def loss_report(key: str, batch: dict[str, torch.Tensor], hparams: dict) -> dict:
     """Mean per-pair loss of losses.LOSSES[key] and its extra metrics, such as a hinge loss's active fraction (pairs
     still receiving gradient), on all pairs and on each quartile of the pair length (|y_w| + |y_l|)/2: the
     by-length view that Yao et al. 2025 §5.2 leave to future work. Batch-statistic losses (AMaPO, LMPO, KTO...)
     compute their statistics over the pairs of each group."""
-    lens = (t["chosen_lens"] + t["rejected_lens"]).double() / 2
+    lens = (batch["chosen_lens"] + batch["rejected_lens"]).double() / 2
     quartile = torch.bucketize(lens, torch.quantile(lens, torch.tensor([0.25, 0.5, 0.75], dtype=lens.dtype)),
                                right=True)
     groups = {"all": lens >= 0} | {f"len_q{q + 1} ({lens[b].min():.0f}-{lens[b].max():.0f} tokens)": b
                                    for q in range(4) if (b := quartile == q).any()}
     out = {}
     for name, sel in groups.items():
-        per_pair, metrics = score(key, {k: v[sel] for k, v in t.items()}, hparams)
+        per_pair, metrics = score(key, {k: v[sel] for k, v in batch.items()}, hparams)
         out[name] = {"n": int(sel.sum()), "loss": per_pair.mean().item(),
                      **{k: v.mean().item() for k, v in metrics.items() if k.startswith(key + "/")}}
     return out
@@ -144,15 +144,15 @@ def cmd_prefs(args) -> dict:
     reward = "beta*(S-S_ref)" if key in losses.NEEDS_REF else "beta*S/|y|"
     print(f"prefs: {len(pairs)} pairs (max_length {max_len}, max_prompt_length {max_prompt}), loss {key}, "
           f"reward {reward}, reference {reference or 'none'}, {hparams}")
-    t = batches.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
-                         next(policy.parameters()).device, args.dtype, budget=2 * max_len)
+    scored = batches.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
+                                 next(policy.parameters()).device, args.dtype, budget=2 * max_len)
     res = {"reward": reward, "reference": reference, "beta": hparams.get("beta", 1.0),
-           **preference_metrics(score(key, t, hparams)[1]),
+           **preference_metrics(score(key, scored, hparams)[1]),
            "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args),
            "provenance": provenance.record(model_dir=policy.source_dir, data_sources=[(args.data, args.split)],
                                            device=next(policy.parameters()).device, dtype=args.dtype)}
     if args.loss:
-        res["loss"] = {"key": key, **loss_report(key, t, hparams)}
+        res["loss"] = {"key": key, **loss_report(key, scored, hparams)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2, default=str))
     print(json.dumps({k: v for k, v in res.items() if "/" in k or k == "loss"}, indent=1))

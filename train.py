@@ -138,7 +138,7 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
     """One optimizer step over this rank's micro-batches (packing.pack dicts, on the device): for each, forward
     under autocast -> fp32 log-probs -> loss -> scaled backward (across ranks, gradients sync on the last one only);
     then unscale -> clip -> step (skipped on inf/NaN gradients) -> update the scale -> zero the gradients.
-    `loss(t) -> (per-pair losses, per-pair metrics)` is losses.compute with this run's key, hyperparameters and
+    `loss(scored) -> (per-pair losses, per-pair metrics)` is losses.compute with this run's key, hyperparameters and
     state. Returns the global batch's mean loss (all ranks), the grad norm, whether the step was skipped, and the
     summed per-pair metrics, pairs and tokens of this rank."""
     world = distributed.world()
@@ -146,8 +146,8 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
     for k, batch in enumerate(micro_batches):
         with distributed.gradient_sync(scorer, k == len(micro_batches) - 1):
             with precision.autocast(batch["input_ids"].device, dtype):
-                t = pair_logps(scorer, batch)
-            per_pair, metrics = loss(t)
+                scored = pair_logps(scorer, batch)
+            per_pair, metrics = loss(scored)
             # sum / global batch, times world: DDP and FSDP average gradients over ranks: this is the global mean
             micro_loss = per_pair.sum() * world / batch_size
             scaler.scale(micro_loss).backward()
@@ -196,10 +196,11 @@ def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_
     sums, n = {}, 0
     for b in mine:
         with precision.autocast(device, args.dtype):
-            t = pair_logps(scorer, packing.pack([pairs[i] for i in b or batches[0]], pad_id, pack_tokens(args), device))
+            batch = packing.pack([pairs[i] for i in b or batches[0]], pad_id, pack_tokens(args), device)
+            scored = pair_logps(scorer, batch)
         if b is None:  # a padding forward: its result is not counted
             continue
-        _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state),
+        _, metrics = losses.compute(args.loss, scored, step_hparams(args, step), state=copy.deepcopy(loss_state),
                                     route=args.route)
         sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
         n += len(b)
@@ -213,13 +214,13 @@ def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> No
     A mismatch means the cache was built from other weights, tokens or template: fail before training on it."""
     batch = packing.pack(pairs[:args.batch_size], pad_id, pack_tokens(args), device)
     with precision.autocast(device, args.dtype):
-        t = pair_logps(scorer, batch)
-    policy = torch.cat([t["chosen_logps"], t["rejected_logps"]])
-    cached = torch.cat([t["ref_chosen_logps"], t["ref_rejected_logps"]])
+        scored = pair_logps(scorer, batch)
+    policy = torch.cat([scored["chosen_logps"], scored["rejected_logps"]])
+    cached = torch.cat([scored["ref_chosen_logps"], scored["ref_rejected_logps"]])
     # fp32 differs only by summation order; 16-bit autocast rounds each token's log-prob
     tol = (1e-3 if args.dtype == "fp32" else 2e-2) * (1 + cached.abs())
     worst = ((policy - cached).abs() / tol).max().item()
-    dpo = losses.compute("dpo", t)[0].mean().item()
+    dpo = losses.compute("dpo", scored)[0].mean().item()
     if not (worst <= 1 and abs(dpo - math.log(2)) <= 1e-2):  # written so that a NaN fails it
         raise UserError(f"step-0 check failed: policy log-probs differ from the reference cache (worst "
                         f"{worst:.2f}x tolerance; DPO loss {dpo:.4f}, expected ln 2 = 0.6931). Delete "

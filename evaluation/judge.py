@@ -107,10 +107,10 @@ class Endpoint:
 
 def usage_line(res: dict) -> str:
     """The requests of this run, and the tokens and cost of all the verdicts used (cached ones included)."""
-    u, t = res["usage_this_run"], res["usage"]
-    cost = "unknown (set --price-input/--price-output)" if t["cost_usd"] is None else f"${t['cost_usd']:.4f}"
+    u, totals = res["usage_this_run"], res["usage"]
+    cost = "unknown (set --price-input/--price-output)" if totals["cost_usd"] is None else f"${totals['cost_usd']:.4f}"
     return (f"judge usage: {u['requests']} requests this run ({u['retries']} retries); all verdicts: "
-            f"{t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens, cost {cost}")
+            f"{totals['prompt_tokens']} prompt + {totals['completion_tokens']} completion tokens, cost {cost}")
 
 
 def endpoint(args) -> Endpoint:
@@ -298,13 +298,13 @@ def weighted_preference(reply: dict) -> float | None:
     the first token's top log-probabilities; None if neither token is among them."""
     try:
         top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        lp = {t["token"]: float(t["logprob"]) for t in top if t["token"] in LABELS}
+        lp = {entry["token"]: float(entry["logprob"]) for entry in top if entry["token"] in LABELS}
     except (KeyError, IndexError, TypeError, ValueError):
         return None
     if not lp:
         return None
-    m, big = lp.get("m", -math.inf), lp.get("M", -math.inf)
-    return 2 - math.exp(m - np.logaddexp(m, big))
+    logp_m, logp_M = lp.get("m", -math.inf), lp.get("M", -math.inf)
+    return 2 - math.exp(logp_m - np.logaddexp(logp_m, logp_M))
 
 
 def binary_preference(reply: dict) -> float | None:

@@ -138,11 +138,8 @@ def write_run(out_dir: Path, args, model_dir: Path, device, world: int, resumed_
 
 
 def read_doc(path: Path) -> dict:
-    """A provenance.json's content; UserError naming it if it is not one."""
-    try:
-        doc = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        doc = f"{type(e).__name__}: {e}"
+    """A provenance.json's content (cli.read_json); UserError naming it if it is not one."""
+    doc = cli.read_json(path, fix="; move it away to go on without it")
     if not (isinstance(doc, dict) and isinstance(doc.get("resumes"), list) and "start" in doc):
         raise UserError(f"{path}: not a provenance record ({str(doc)[:80]}); move it away to go on without it")
     return doc

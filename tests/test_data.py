@@ -412,7 +412,7 @@ def test_source_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"d\.csv: expected a \.jsonl, \.json or \.parquet"):
         load_rows(str(tmp_path / "d.csv"))
     (tmp_path / "broken.json").write_text('[{"prompt": "x"},')
-    with pytest.raises(UserError, match=r"broken\.json: invalid JSON at line 1"):
+    with pytest.raises(UserError, match=r"broken\.json: not valid JSON \(line 1"):
         load_rows(str(tmp_path / "broken.json"))
     (tmp_path / "p.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)

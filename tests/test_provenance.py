@@ -253,6 +253,9 @@ def test_resuming_a_run_from_before_provenance_records_it_whole_and_a_bad_record
     assert (entry["record"]["dtype"], entry["record"]["recipe"]) == ("bf16", "yao-dpo")
     assert [d["source"] for d in entry["record"]["data"]] == [str(pref_jsonl)]  # no held-out data: none recorded
     (run / "provenance.json").write_text('{"start": {')
+    with pytest.raises(provenance.UserError, match="provenance.json: not valid JSON .*move it away"):
+        provenance.write_run(run, args, tiny_model_dir, "cpu", 1, resumed_step=8)
+    (run / "provenance.json").write_text('{"start": null}')
     with pytest.raises(provenance.UserError, match="provenance.json: not a provenance record"):
         provenance.write_run(run, args, tiny_model_dir, "cpu", 1, resumed_step=8)
 
