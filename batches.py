@@ -78,19 +78,29 @@ def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: 
     return batches
 
 
-def difficulty_margins(pairs: list[Pair], difficulty: str = "score") -> list[float]:
-    """MixDPO's difficulty margin of each pair: losses.difficulty_margin of the pairs' values in float32, as the loss
-    sees them in a packed batch (so that the order and the loss agree on a margin at τ): score_chosen -
-    score_rejected ("score"), or the reference's log-likelihood margin ref_chosen_logps - ref_rejected_logps
-    ("ref_margin"). UserError if a pair lacks them."""
+def difficulty_values(pairs: list[Pair], difficulty: str) -> dict[str, torch.Tensor]:
+    """The pairs' values that MixDPO's rule reads, under the keys losses.DIFFICULTY_KEYS[difficulty] names, in
+    float32 as a packed batch holds them (so that the order and the loss agree on a margin at τ): score_chosen and
+    score_rejected ("score"), or the reference's log-probs ("ref_margin"). UserError if a pair lacks them."""
     fields = PAIR_FIELDS[difficulty]
     missing = sum(getattr(p, fields[0]) is None or getattr(p, fields[1]) is None for p in pairs)
     if missing:
         need = "score_chosen and score_rejected" if difficulty == "score" else "reference log-probs"
         raise UserError(f"MixDPO's easy-to-hard order needs {need}; {missing} of {len(pairs)} pairs lack them")
-    values = {key: torch.tensor([getattr(p, f) for p in pairs], dtype=torch.float32)
-              for key, f in zip(losses.DIFFICULTY_KEYS[difficulty], fields)}
-    return losses.difficulty_margin(values, difficulty).tolist()
+    return {key: torch.tensor([getattr(p, f) for p in pairs], dtype=torch.float32)
+            for key, f in zip(losses.DIFFICULTY_KEYS[difficulty], fields)}
+
+
+def difficulty_margins(pairs: list[Pair], difficulty: str = "score") -> list[float]:
+    """MixDPO's difficulty margin of each pair (losses.difficulty_margin): score_chosen - score_rejected ("score"),
+    or the reference's log-likelihood margin ref_chosen_logps - ref_rejected_logps ("ref_margin")."""
+    return losses.difficulty_margin(difficulty_values(pairs, difficulty), difficulty).tolist()
+
+
+def difficult_pairs(pairs: list[Pair], difficulty_threshold: float, difficulty: str = "score") -> list[bool]:
+    """MixDPO's rule for each pair (losses.difficult: margin < τ = difficulty_threshold), as the loss applies it."""
+    return losses.difficult(difficulty_values(pairs, difficulty), difficulty_threshold=difficulty_threshold,
+                            difficulty=difficulty).tolist()
 
 
 def curriculum_batches(pairs: list[Pair], batch_size: int, epoch: int, *, epochs: int, order: str = "two-stage",
@@ -106,7 +116,7 @@ def curriculum_batches(pairs: list[Pair], batch_size: int, epoch: int, *, epochs
     pairs. Every pair trains: the last batch may be partial, and one smaller than min_last (2 for batch statistics,
     or the DDP world size) joins the batch before it."""
     margins = difficulty_margins(pairs, difficulty) if order != "random" or discard_difficult else None
-    hard = [m < difficulty_threshold for m in margins] if margins is not None else [False] * len(pairs)
+    hard = difficult_pairs(pairs, difficulty_threshold, difficulty) if margins is not None else [False] * len(pairs)
     idx = [i for i in range(len(pairs)) if not (discard_difficult and hard[i])]
     if shuffle:
         random.Random(seed).shuffle(idx)

@@ -19,7 +19,7 @@ import data
 import losses
 import packing
 import refcache
-from batches import (balance_routed, curriculum_batches, difficulty_margins, make_batches, merge_short_last,
+from batches import (balance_routed, curriculum_batches, difficult_pairs, make_batches, merge_short_last,
                      pair_logps)
 from infra import checkpoint, cli, distributed, hub, precision, provenance, recipes, tracking
 from infra.cli import UserError
@@ -115,8 +115,7 @@ def easy_pairs(pairs: list[data.Pair], args) -> list[bool] | None:
     None for a run without routing."""
     if not args.route:
         return None
-    margins = difficulty_margins(pairs, args.route["difficulty"])
-    return [m >= args.route["difficulty_threshold"] for m in margins]
+    return [not hard for hard in difficult_pairs(pairs, args.route["difficulty_threshold"], args.route["difficulty"])]
 
 
 def routable(batches: list[list[int]], pairs: list[data.Pair], args) -> list[list[int]]:
