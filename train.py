@@ -328,7 +328,7 @@ def main(argv=None) -> dict:
     step, loss_state, last_ckpt = 0, {}, None
     counters = {"updates": 0, "skipped_steps": 0, "bad_streak": 0, "num_tokens": 0}
     if args.resume:
-        step, counters, last_ckpt = resume(out_dir, model, opt, scaler, loss_state, rank)
+        step, counters, last_ckpt = checkpoint.resume(out_dir, model, opt, scaler, loss_state, rank)
     elif rank == 0:
         checkpoint.start(args, out_dir)
     if rank == 0:  # provenance.json: the code, packages, machine and inputs of the run (a resume adds an entry)
@@ -388,21 +388,10 @@ def main(argv=None) -> dict:
     checkpoint.export(model, out_dir, args.save_dtype)
     tracker.close()
     if rank == 0:
-        summarize(history, out_dir, args)
+        tracking.summarize(history, out_dir, args.loss)
     if world > 1:
         dist.destroy_process_group()
     return {"history": history, "model": model, "out_dir": out_dir}
-
-
-def resume(out_dir: Path, model, opt, scaler, loss_state: dict, rank: int) -> tuple[int, dict, Path]:
-    """Load the run's newest complete checkpoint (checkpoint.find says if it is not the one latest.json names) and
-    drop the metrics rows logged after it: the resumed steps log them again. Returns (step, counters, folder)."""
-    ckpt = checkpoint.find(out_dir)
-    step, counters = checkpoint.load(ckpt, model, opt, scaler, loss_state)
-    if rank == 0:
-        checkpoint.truncate_log(out_dir, step)
-    print(f"rank {rank}: resumed from {ckpt} (step {step})")
-    return step, counters, ckpt
 
 
 def log(row: dict, history: list, out_dir: Path, tracker) -> None:
@@ -412,19 +401,6 @@ def log(row: dict, history: list, out_dir: Path, tracker) -> None:
     if distributed.rank() == 0:
         tracker.log(checkpoint.log(out_dir, row))
 
-
-def summarize(history: list[dict], out_dir: Path, args) -> None:
-    evals = [h for h in history if "eval_rewards/accuracies" in h]
-    train = [h for h in history if "loss" in h]
-    print(f"\n== {args.loss}: {train[-1]['step'] if train else 0} steps ==")
-    if evals:
-        print(f"held-out rewards/accuracies: {evals[0]['eval_rewards/accuracies']:.3f} (step {evals[0]['step']})"
-              f" -> {evals[-1]['eval_rewards/accuracies']:.3f} (step {evals[-1]['step']}); "
-              f"margin {evals[-1]['eval_rewards/margins']:+.3f}")
-    if train:
-        print(f"last train loss {train[-1]['loss']:.4f}, {train[-1]['tokens_per_s']:.0f} tokens/s, "
-              f"skipped steps {train[-1]['skipped_steps']}")
-    print(f"metrics: {out_dir / 'metrics.jsonl'}   final model: {out_dir / 'final'}")
 
 
 if __name__ == "__main__":

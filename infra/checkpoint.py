@@ -220,6 +220,18 @@ def load(ckpt: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
     return state["step"], state["counters"]
 
 
+def resume(out_dir: Path, model, opt, scaler, loss_state: dict, rank: int) -> tuple[int, dict, Path]:
+    """train.py --resume: load the run's newest complete checkpoint (find says if it is not the one latest.json
+    names) and drop the metrics rows logged after it: the resumed steps log them again. Returns (step, counters,
+    folder)."""
+    ckpt = find(out_dir)
+    step, counters = load(ckpt, model, opt, scaler, loss_state)
+    if rank == 0:
+        truncate_log(out_dir, step)
+    print(f"rank {rank}: resumed from {ckpt} (step {step})")
+    return step, counters, ckpt
+
+
 def export(model, out_dir: Path, dtype: str = "source") -> Path:
     """out_dir/final, called on every rank: the trained model as one Hugging Face folder (gathered from the shards
     under FSDP2), in `dtype` ("source": the dtype config.json of the model we started from names; or fp32, bf16,
