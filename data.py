@@ -1,5 +1,5 @@
-"""Preference data: inputs (model folders and datasets, local or from the Hub), rows rendered with the model's chat
-template (chat.py), tokenization, batches, their log-probs, and the reference log-prob cache.
+"""Preference rows: local files or a Hub dataset (infra/hub.py), TRL's formats parsed and checked, rendered with the
+model's chat template (chat.py), tokenized and truncated into Pairs. Batches of pairs are batches.py.
 
 Rows, in TRL's formats (optional numbers score_chosen / score_rejected are kept for MixDPO and ODPO):
   standard        {"prompt": str, "chosen": str, "rejected": str}: raw text, no chat template (as TRL)
@@ -28,74 +28,26 @@ the prompt keeps its END (cut from the left), then completions are cut from the 
 with an empty completion, and pairs whose chosen and rejected tokens are identical, are dropped. Every cut and drop
 is counted and printed.
 
-Batches are packed (packing.py: one segment prompt ‖ chosen ‖ rejected per pair, several to a row); pair_logps is
-the one place that turns a packed batch into per-pair tensors named as losses.compute reads them. make_batches
-buckets pairs by size; curriculum_batches gives MixDPO's orders (two stages easy -> hard, and the paper's
-ablations), training every pair.
-
-The reference log-prob cache built from these pairs is refcache.py (`python data.py ...` runs its CLI).
+The reference log-prob cache built from these pairs is refcache.py (`python refcache.py ...` runs its CLI).
 """
-import functools
 import hashlib
 import json
 import os
-import random
-import re
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 
 import jinja2
-import torch
-from tqdm import tqdm
 
-import packing
 from chat import ChatTokenizer
-from cli import UserError
-from model import TOKENIZER_FILES, CausalLM
+from infra import hub
+from infra.cli import UserError, read_json
 
 DEFAULT_DATASET = "trl-lib/ultrafeedback_binarized"
-DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 TEMPLATE_ID = "model-template/v2"  # bump when rendering or the prompt/completion split changes: invalidates caches
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx")
 
 
-def autocast(device: torch.device, dtype: str):
-    """Mixed precision in `dtype` ("fp16", "bf16"; "fp32" = off) on the device; weights stay as they are."""
-    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
-
-
-# ----------------------------------------------------------------------------- inputs: model folders and files
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local folder as is, else a Hub repo id fetched by `huggingface_hub.snapshot_download` (config, safetensors,
-    index and tokenizer files only: never pickled `.bin` weights). Hub ids look like `name` or `owner/name`."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a model folder (no config.json)")
-    if path.is_dir():
-        return path
-    if path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) or name_or_path.startswith("."):
-        raise UserError(f"model folder {name_or_path!r} does not exist (give a folder with config.json and "
-                        f"*.safetensors, or a Hub id such as {DEFAULT_MODEL})")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
-    try:
-        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise UserError(f"{name_or_path!r} (revision {revision}) is neither a local folder nor a Hub repo") from None
-    except OSError as e:  # LocalEntryNotFoundError (offline, not cached) and connection errors are OSErrors
-        raise UserError(f"{name_or_path!r} is not a local folder and the Hugging Face Hub is unreachable (repo not "
-                        f"cached, {type(e).__name__}): download it where there is network and pass the local "
-                        "folder instead") from None
-
-
-def load_model(name_or_path: str, revision: str | None = None, dtype=torch.float32) -> CausalLM:
-    """CausalLM.from_pretrained of a local folder or a Hub id (downloaded first), in eval mode."""
-    return CausalLM.from_pretrained(resolve_model_dir(name_or_path, revision), dtype=dtype)
-
-
+# ----------------------------------------------------------------------------- inputs: data files
 def files_sha256(files) -> str:
     h = hashlib.sha256()
     for f in files:
@@ -103,25 +55,6 @@ def files_sha256(files) -> str:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
     return "sha256:" + h.hexdigest()
-
-
-def _hub_files(repo: str, split: str, revision: str | None) -> list[Path]:
-    """Download only the split's parquet files of a Hub dataset (data/{split}-*.parquet or {split}/*.parquet)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-
-    patterns = [f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet"]
-    try:
-        root = Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns))
-    except (OSError, HfHubHTTPError, HFValidationError) as e:  # offline, unreachable, no such repo: one line
-        raise UserError(f"{repo}: could not get split {split!r} from the Hugging Face Hub ({type(e).__name__}); "
-                        "offline? pass a local .jsonl, .json or .parquet file instead (--data my_prefs.jsonl)"
-                        ) from None
-    files = sorted(p for p in root.rglob("*.parquet") if any(fnmatch(p.relative_to(root).as_posix(), pat)
-                                                              for pat in patterns))
-    if not files:
-        raise UserError(f"{repo}: no parquet files for split {split!r} (looked for {', '.join(patterns)})")
-    return files
 
 
 def row_name(path, i: int) -> str:
@@ -157,10 +90,7 @@ def read_records(path, strict: bool = True) -> list:
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON Lines
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return read_json(path, expect=list)
     rows = []
     for i, line in enumerate(text.splitlines()):
         try:
@@ -192,7 +122,7 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
     objects for tokenize_pairs to report or skip with file and row), or of a Hub dataset's split (parquet files
     only; split and revision are ignored for local files). Returns (rows, "sha256:<hex>" of the bytes read)."""
     path = local_data_file(source)
-    files = [path] if path else _hub_files(source, split, revision)
+    files = [path] if path else hub.dataset_files(source, split, revision)
     return [row for f in files for row in read_records(f, strict=False)], files_sha256(files)
 
 
@@ -352,140 +282,3 @@ def _through_last_stop(ids: list[int], stops: set[int]) -> list[int]:
     never generated (generation stops at that id), so it is not scored."""
     last = max((j for j, t in enumerate(ids) if t in stops), default=len(ids) - 1)
     return ids[:last + 1]
-
-
-def pair_logps(score, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A packed batch's per-pair tensors plus the policy's summed completion log-probs S(y) split by side:
-    "chosen_logps", "rejected_logps" [B] fp32, i.e. what losses.compute reads. `score(**layout, n_seqs=2B) -> [2B]`
-    (chosen answers first) is packing.packed_logps with its model, or train.py's (DDP-wrapped) Scorer."""
-    logps = score(**{k: batch[k] for k in packing.LAYOUT}, n_seqs=2 * len(batch["chosen_lens"])).float()
-    chosen, rejected = logps.chunk(2)
-    pairs = {k: v for k, v in batch.items() if k not in packing.LAYOUT}
-    return {**pairs, "chosen_logps": chosen, "rejected_logps": rejected}
-
-
-@torch.no_grad()
-def score_pairs(model: CausalLM, pairs: list[Pair], pad_id: int, batch_size: int, device, dtype: str = "fp32",
-                budget: int = 2048, desc: str = "log-probs") -> dict[str, torch.Tensor]:
-    """pair_logps of every pair under autocast(dtype), packed `batch_size` pairs at a time into rows of at most
-    `budget` tokens, in pair order ([N] tensors on the CPU). Batches go longest first, so an out-of-memory shows at
-    once; tqdm shows the progress."""
-    parts, batches = [], make_batches(pairs, batch_size, shuffle=False)[::-1]
-    score = functools.partial(packing.packed_logps, model)
-    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
-        batch = packing.pack([pairs[i] for i in idx], pad_id, budget, device)
-        with autocast(device, dtype):
-            parts.append({k: v.cpu() for k, v in pair_logps(score, batch).items()})
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    order = torch.tensor([i for idx in batches for i in idx], dtype=torch.long)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return {k: v[inverse] for k, v in out.items()}
-
-
-def make_batches(pairs: list[Pair], batch_size: int, *, seed: int = 0, shuffle: bool = True, order: str = "length",
-                 chunk_batches: int = 64) -> list[list[int]]:
-    """Lists of indices into pairs, deterministic given seed (`packing.padding_fraction` reports what they cost).
-    order="length": shuffle, then sort by packed size (prompt + chosen + rejected) within mega-chunks of
-      chunk_batches batches, cut into batches and shuffle the batches (shuffle=False: one global sort, shortest
-      first), so that packed rows come out nearly full.
-    order="margin": MixDPO's easy -> hard order over all pairs (`curriculum_batches`' "per-epoch")."""
-    if order == "margin":
-        return curriculum_batches(pairs, batch_size, 0, epochs=1, order="per-epoch", seed=seed, shuffle=shuffle)
-    if order != "length":
-        raise ValueError(f"order={order!r}: expected 'length' or 'margin'")
-    rng = random.Random(seed)
-    idx = list(range(len(pairs)))
-    if shuffle:
-        rng.shuffle(idx)
-    chunk = batch_size * chunk_batches if shuffle else max(len(idx), 1)
-    batches = []
-    for k in range(0, len(idx), chunk):
-        part = sorted(idx[k:k + chunk], key=lambda i: packing.size(pairs[i]))
-        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    return batches
-
-
-def difficulty_margins(pairs: list[Pair], difficulty: str = "score") -> list[float]:
-    """MixDPO's difficulty margin of each pair, as `losses.difficult` computes it from a packed batch (in float32,
-    so that the order and the loss agree on a margin at τ): score_chosen - score_rejected ("score"), or the
-    reference's log-likelihood margin ref_chosen_logps - ref_rejected_logps ("ref_margin")."""
-    fields = ("score_chosen", "score_rejected") if difficulty == "score" else ("ref_chosen_logps", "ref_rejected_logps")
-    missing = sum(getattr(p, fields[0]) is None or getattr(p, fields[1]) is None for p in pairs)
-    if missing:
-        need = "score_chosen and score_rejected" if difficulty == "score" else "reference log-probs"
-        raise UserError(f"MixDPO's easy-to-hard order needs {need}; {missing} of {len(pairs)} pairs lack them")
-    chosen, rejected = (torch.tensor([getattr(p, f) for p in pairs], dtype=torch.float32) for f in fields)
-    return (chosen - rejected).tolist()
-
-
-def curriculum_batches(pairs: list[Pair], batch_size: int, epoch: int, *, epochs: int, order: str = "two-stage",
-                       difficulty_threshold: float = 0.5, difficulty: str = "score", discard_difficult: bool = False,
-                       seed: int = 0, shuffle: bool = True, min_last: int = 1) -> list[list[int]]:
-    """MixDPO's batches for epoch `epoch` of a run (Pang et al. 2026, arXiv 2602.00954). A pair is difficult when its
-    `difficulty_margins` value is < difficulty_threshold. "two-stage" (the paper): epochs 0..epochs-1 hold the easy
-    pairs, easy -> hard (margin descending), epochs..2*epochs-1 the difficult ones in the same order; "reversed":
-    the difficult pairs first, then the easy ones, each hard -> easy; "per-epoch": every epoch all pairs easy -> hard
-    (with any loss too: MixDPO's Fig. 4a "DPO + sorted", the curriculum without routing);
-    "random": every epoch all pairs shuffled (no margins needed unless discarding), as transformers' Trainer samples.
-    Ties (and "random") in an order shuffled by seed (none if not shuffle); discard_difficult drops the difficult
-    pairs. Every pair trains: the last batch may be partial, and one smaller than min_last (2 for batch statistics,
-    or the DDP world size) joins the batch before it."""
-    margins = difficulty_margins(pairs, difficulty) if order != "random" or discard_difficult else None
-    hard = [m < difficulty_threshold for m in margins] if margins is not None else [False] * len(pairs)
-    idx = [i for i in range(len(pairs)) if not (discard_difficult and hard[i])]
-    if shuffle:
-        random.Random(seed).shuffle(idx)
-    if order in ("two-stage", "reversed"):
-        stage_two = epoch >= epochs
-        idx = [i for i in idx if hard[i] == (stage_two == (order == "two-stage"))]
-    elif order not in ("per-epoch", "random"):
-        raise ValueError(f"order={order!r}: expected 'two-stage', 'reversed', 'per-epoch' or 'random'")
-    if order != "random":
-        idx.sort(key=margins.__getitem__, reverse=order != "reversed")  # stable: ties keep the shuffled order
-    batches = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < min_last:
-        last = batches.pop()  # (`batches[-2] += batches.pop()` would read [-2] before the pop, write it after)
-        batches[-1] += last
-    return batches
-
-
-def balance_routed(batches: list[list[int]], hard: list[bool], min_pairs: int = 2) -> list[list[int]]:
-    """Batches for --route-difficult around a loss that needs min_pairs pairs in a batch (losses.NEEDS_TWO: AOT
-    sorts them, KTO's z0 is their mean): in each batch the pairs the loss sees, the easy ones (not hard[i]), number
-    0 or at least min_pairs. A batch with too few gets easy pairs from a batch that can spare them (>= min_pairs + 1
-    easy, or its only one), each in exchange for one of its difficult pairs (trained with SFT); else gives its easy
-    pairs away in exchange for difficult ones, to a batch that then has more. Every pair trains once and every batch
-    keeps its size; batches that already qualify are moved only when they give or take a pair. UserError if the
-    data leaves no way (fewer than min_pairs easy pairs in all)."""
-    batches = [list(b) for b in batches]
-
-    def easy(b):
-        return [i for i in b if not hard[i]]
-
-    def swap(a, give, b, take):  # pair `give` of batch a <-> pair `take` of batch b
-        a[a.index(give)], b[b.index(take)] = take, give
-
-    for a in batches:
-        while 0 < len(easy(a)) < min_pairs:
-            need, others = min_pairs - len(easy(a)), [b for b in batches if b is not a]
-            donor = next((b for b in others if len(easy(b)) - 1 >= min_pairs or len(easy(b)) == 1), None)
-            taker = next((b for b in others if len(easy(b)) >= min_pairs and len(b) > len(easy(b))), None)
-            if donor is not None and len(a) > len(easy(a)):
-                swap(a, next(i for i in a if hard[i]), donor, easy(donor)[0])
-            elif taker is not None:
-                swap(a, easy(a)[0], taker, next(i for i in taker if hard[i]))
-            else:
-                raise UserError(f"--route-difficult: a batch holds {len(easy(a))} easy pair(s) and no other batch can "
-                                f"give it {need} more or take them ({sum(not h for h in hard)} easy pairs in all); the "
-                                f"loss needs 0 or >= {min_pairs} per batch: raise --batch-size, lower "
-                                "--difficulty-threshold, or use --order two-stage")
-    return batches
-
-
-if __name__ == "__main__":  # `python data.py ...` builds a reference cache (refcache.py)
-    import cli
-    import refcache
-    cli.run_cli(refcache.main)

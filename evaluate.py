@@ -7,7 +7,7 @@
     python evaluate.py diagnostics RUN [RUN ...] --out DIR
     python evaluate.py report RUN [RUN ...] --out DIR
 
-prefs scores held-out pairs with the training path (data.score_pairs -> losses.compute), generate decodes with
+prefs scores held-out pairs with the training path (batches.score_pairs -> losses.compute), generate decodes with
 generate.py, judge is judge.py's client with AlpacaEval's protocol (winrate.py's statistics) or mt_bench.py's
 FastChat grading, diagnostics and report (report.py) read what train.py and the other commands wrote.
 """
@@ -21,17 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import batches
 import chat
-import cli
 import data
 import generate
-import judge
 import losses
-import mt_bench
-import provenance
 import refcache
-import report
-from cli import UserError, read_json
+from evaluation import judge, mt_bench, report
+from infra import cli, hub, precision, provenance
+from infra.cli import UserError, read_json
 
 
 def length_stats(values) -> dict:
@@ -45,7 +43,7 @@ def length_stats(values) -> dict:
 
 def load_policy(args, dtype=torch.float32):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    policy = data.load_model(args.model, args.revision, dtype=dtype).to(device)
+    policy = hub.load_model(args.model, args.revision, dtype=dtype).to(device)
     return policy, chat.load_tokenizer(policy.source_dir)
 
 
@@ -60,27 +58,27 @@ def preference_metrics(metrics: dict[str, torch.Tensor]) -> dict:
             "margins_p50": p50, "margins_p90": p90}
 
 
-def score(key: str, t: dict[str, torch.Tensor], hparams: dict) -> tuple[torch.Tensor, dict]:
+def score(key: str, batch: dict[str, torch.Tensor], hparams: dict) -> tuple[torch.Tensor, dict]:
     """losses.compute on held-out pairs (fresh running statistics); data a loss cannot score is a UserError."""
     try:  # the losses raise ValueError for data they cannot score (NaN or reversed scores, too few pairs)
-        return losses.compute(key, t, hparams, state={})
+        return losses.compute(key, batch, hparams, state={})
     except ValueError as e:
         raise UserError(f"--loss {key}: {e}") from None
 
 
-def loss_report(key: str, t: dict[str, torch.Tensor], hparams: dict) -> dict:
+def loss_report(key: str, batch: dict[str, torch.Tensor], hparams: dict) -> dict:
     """Mean per-pair loss of losses.LOSSES[key] and its extra metrics, such as a hinge loss's active fraction (pairs
     still receiving gradient), on all pairs and on each quartile of the pair length (|y_w| + |y_l|)/2: the
     by-length view that Yao et al. 2025 §5.2 leave to future work. Batch-statistic losses (AMaPO, LMPO, KTO...)
     compute their statistics over the pairs of each group."""
-    lens = (t["chosen_lens"] + t["rejected_lens"]).double() / 2
+    lens = (batch["chosen_lens"] + batch["rejected_lens"]).double() / 2
     quartile = torch.bucketize(lens, torch.quantile(lens, torch.tensor([0.25, 0.5, 0.75], dtype=lens.dtype)),
                                right=True)
     groups = {"all": lens >= 0} | {f"len_q{q + 1} ({lens[b].min():.0f}-{lens[b].max():.0f} tokens)": b
                                    for q in range(4) if (b := quartile == q).any()}
     out = {}
     for name, sel in groups.items():
-        per_pair, metrics = score(key, {k: v[sel] for k, v in t.items()}, hparams)
+        per_pair, metrics = score(key, {k: v[sel] for k, v in batch.items()}, hparams)
         out[name] = {"n": int(sel.sum()), "loss": per_pair.mean().item(),
                      **{k: v.mean().item() for k, v in metrics.items() if k.startswith(key + "/")}}
     return out
@@ -148,15 +146,15 @@ def cmd_prefs(args) -> dict:
     reward = "beta*(S-S_ref)" if key in losses.NEEDS_REF else "beta*S/|y|"
     print(f"prefs: {len(pairs)} pairs (max_length {max_len}, max_prompt_length {max_prompt}), loss {key}, "
           f"reward {reward}, reference {reference or 'none'}, {hparams}")
-    t = data.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
-                         next(policy.parameters()).device, args.dtype, budget=2 * max_len)
+    scored = batches.score_pairs(policy, pairs, tok.pad_id, args.batch_size,
+                                 next(policy.parameters()).device, args.dtype, budget=2 * max_len)
     res = {"reward": reward, "reference": reference, "beta": hparams.get("beta", 1.0),
-           **preference_metrics(score(key, t, hparams)[1]),
+           **preference_metrics(score(key, scored, hparams)[1]),
            "model": args.model, "data": args.data, "split": args.split, "data_counts": counts, "args": vars(args),
            "provenance": provenance.record(model_dir=policy.source_dir, data_sources=[(args.data, args.split)],
                                            device=next(policy.parameters()).device, dtype=args.dtype)}
     if args.loss:
-        res["loss"] = {"key": key, **loss_report(key, t, hparams)}
+        res["loss"] = {"key": key, **loss_report(key, scored, hparams)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2, default=str))
     print(json.dumps({k: v for k, v in res.items() if "/" in k or k == "loss"}, indent=1))
@@ -167,7 +165,8 @@ def cmd_prefs(args) -> dict:
 def load_prompts(bench: str) -> tuple[str, list[dict]]:
     """('alpaca', rows with 'instruction') or ('mt_bench', rows with 'question_id', 'category', 'turns')."""
     if bench == "alpaca_eval":
-        bench = str(judge.hub_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", "dataset", "--bench"))
+        bench = str(hub.hub_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", "dataset",
+                                 "download it elsewhere and pass --bench PATH"))
     elif bench == "mt_bench":
         bench = mt_bench.source(bench, "--questions")
     rows, out = data.read_records(bench), []
@@ -209,7 +208,7 @@ def cmd_generate(args) -> dict:
     rows = rows[:args.limit] if args.limit else rows
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
-    policy, tok = load_policy(args, data.DTYPES[dtype])
+    policy, tok = load_policy(args, precision.DTYPES[dtype])
     samplings = decoding(kind, rows, args, policy.source_dir)
     stop_ids, stop_strings = generate.stops(policy, tok)
     name = args.name or "-".join(Path(args.model).parts[-2:])  # runs/dpo/final -> dpo-final
@@ -272,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--model", required=True, help="checkpoint folder or Hub model id")
         g.add_argument("--revision", default=None, help="Hub revision of --model")
         g.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
-        g.add_argument("--dtype", choices=list(data.DTYPES), default="fp32" if name == "prefs" else None,
+        g.add_argument("--dtype", choices=list(precision.DTYPES), default="fp32" if name == "prefs" else None,
                        help="prefs: autocast dtype of the forward passes (weights stay fp32, as in training); "
                        "generate: weight and KV-cache dtype (None: bf16 on CUDA, fp32 on CPU)")
         g.add_argument("--batch-size", type=int, default=8, help="prefs: pairs per forward pass; generate: sequences "

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cli import UserError, read_json
+from infra.cli import UserError, read_json
 from model import CausalLM, KVCache, attention_mask_4d
 
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}

@@ -26,9 +26,9 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from cli import UserError, read_json
+from infra.cli import UserError, read_json
+from infra.weights import read_weights
 from logprobs import token_logps
-from weights import read_weights
 
 _flex_compiled = functools.cache(lambda: torch.compile(flex_attention, dynamic=False))  # built on first CUDA use
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -281,7 +281,7 @@ class CausalLM(nn.Module):
     def from_pretrained(cls, folder, dtype=torch.float32) -> "CausalLM":
         """A local folder's config.json + model.safetensors (or model.safetensors.index.json's shards), strictly
         (weights.py): a missing/unexpected key or a wrong shape is a UserError naming it. Tied embeddings:
-        lm_head.weight absent, or equal to the embedding. Nothing is unpickled. (data.load_model fetches Hub ids.)"""
+        lm_head.weight absent, or equal to the embedding. Nothing is unpickled. (hub.load_model fetches Hub ids.)"""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder}: not a model folder (no config.json)")

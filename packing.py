@@ -17,7 +17,7 @@ the mask's rows x L² (BENCHMARKS.md has the measurements behind the default).
 import torch
 from torch import Tensor
 
-from cli import UserError
+from infra.cli import UserError
 from logprobs import token_logps
 from model import CausalLM
 

@@ -1,6 +1,6 @@
 """The reference model's log-probs, precomputed once and cached on disk, so training holds only the policy.
 
-Reference cache (`python data.py --model M --data D --split S --out DIR`, or ref_cache() from training): DIR/
+Reference cache (`python refcache.py --model M --data D --split S --out DIR`, or ref_cache() from training): DIR/
 ref_logps.safetensors (float32 ref_chosen_logps, ref_rejected_logps = summed completion log-probs; long index =
 source row of each kept pair) and DIR/meta.json, the header checked on load and the commit marker, written last.
 A cache is reused only when every CACHE_KEYS field of its header matches; a stale one is rebuilt (the changed
@@ -16,10 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import packing
+from batches import score_pairs
 from chat import load_tokenizer
-from cli import ArgumentParser, HelpFormatter, UserError, atomic_write, read_json
-from data import (DEFAULT_DATASET, DEFAULT_MODEL, DTYPES, TEMPLATE_ID, Pair, files_sha256, load_rows,
-                  resolve_model_dir, score_pairs, tokenize_pairs)
+from data import DEFAULT_DATASET, Pair, TEMPLATE_ID, files_sha256, load_rows, tokenize_pairs
+from infra import cli
+from infra.cli import ArgumentParser, HelpFormatter, UserError, atomic_write, read_json
+from infra.hub import DEFAULT_MODEL, resolve_model_dir
+from infra.precision import DTYPES
 from model import CausalLM
 
 CACHE_FORMAT = 1
@@ -80,7 +83,7 @@ def ref_cache(model_name_or_path: str, revision: str | None, data_source: str, s
     compute = "fp32" if device.type == "cpu" and dtype == "fp16" else dtype
     flags = dict(model=model_name_or_path, revision=revision, data=data_source, split=split, out=out,
                  max_length=max_length, max_prompt_length=max_prompt_length, dtype=dtype)
-    cmd = shlex.join(["python", "data.py"] + [x for k, v in flags.items() if v is not None
+    cmd = shlex.join(["python", "refcache.py"] + [x for k, v in flags.items() if v is not None
                                               for x in (f"--{k.replace('_', '-')}", str(v))]
                      + ["--skip-bad-rows"] * skip_bad_rows + ["--rebuild"])
     model_dir = resolve_model_dir(model_name_or_path, revision)
@@ -145,6 +148,10 @@ def main(argv=None) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--rebuild", action="store_true", help="rebuild even if a matching or corrupt cache exists")
     args = p.parse_args(argv)
-    print("data.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
+    print("refcache.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
     ref_cache(args.model, args.revision, args.data, args.split, args.max_length, args.max_prompt_length,
               args.out, args.dtype, args.batch_size, args.device, args.skip_bad_rows, args.rebuild)
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)

@@ -1,7 +1,6 @@
-"""The bare fp16 AMP preference-training loop: inputs, model, optimizer, the loop, and train_step (one optimizer
-step). Its command line, what each flag means and the checks run before any work are in flags.py
-(`python train.py --help`).
-Reading order: main (inputs, model, optimizer, the loop) -> train_step, one optimizer step.
+"""The bare fp16 AMP preference-training loop, top to bottom in the order it runs: inputs, batches, model and
+optimizer, the loop's pieces (train_step: one optimizer step), main last. The command line, what each flag means and
+the checks run before any work are in infra/flags.py (`python train.py --help`).
 """
 import copy
 import functools
@@ -15,52 +14,30 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import chat
-import checkpoint
-import cli
 import data
-import distributed
 import losses
 import packing
-import provenance
-import recipes
 import refcache
-import tracking
-from cli import UserError
-from flags import HERE, get_args, mixdpo_settings
+from batches import (balance_routed, curriculum_batches, difficult_pairs, make_batches, merge_short_last,
+                     pair_logps)
+from infra import checkpoint, cli, distributed, hub, precision, provenance, recipes, tracking
+from infra.cli import UserError
+from infra.flags import HERE, get_args, mixdpo_settings
 from model import CausalLM, Config
 
 
-def get_lr(step: int, total: int, args) -> float:
-    warmup = int(args.warmup_ratio * total)
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac, "constant": 1.0}
-    return args.lr * decay[args.schedule]
-
-
-def step_hparams(args, step: int) -> dict:
-    """The loss's hyperparameters at this step: margin_sigmoid's δ curriculum (Yao et al. 2025 §5.4.4) ramps δ
-    linearly from 0 to --delta over --curriculum-steps; everything else is constant."""
-    if not args.curriculum_steps:
-        return args.hparams
-    return {**args.hparams, "delta": args.hparams["delta"] * min(1.0, step / args.curriculum_steps)}
-
-
-class Scorer(torch.nn.Module):
-    """packing.packed_logps as a forward(), so DDP's gradient hooks and torch.compile see the policy call."""
-
-    def __init__(self, model: CausalLM, chunk_size: int):
-        super().__init__()
-        self.model, self.chunk_size = model, chunk_size
-
-    def forward(self, n_seqs: int, **layout):
-        return packing.packed_logps(self.model, **layout, n_seqs=n_seqs, chunk_size=self.chunk_size)
-
-
-def pack_tokens(args) -> int:
-    """--pack-tokens, 0 resolved: 2 x --max-length, which holds any pair (prompt + chosen + rejected)."""
-    return args.pack_tokens or 2 * args.max_length
+def model_folder(args, rank: int) -> Path:
+    """The policy's local folder: the Hub download of --model, or for the demo a tiny init from scratch, built
+    once per seed in --cache-dir (by rank 0; the others wait)."""
+    if not (args.demo and args.model == "demo"):
+        return hub.resolve_model_dir(args.model, args.revision)
+    folder = Path(refcache.reference_model(vars(args)))
+    if rank == 0 and not (folder / "model.safetensors").is_file():
+        build_demo_model(args, folder.with_suffix(".tmp"))
+        os.replace(folder.with_suffix(".tmp"), folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
 
 
 def build_demo_model(args, out: Path) -> Path:
@@ -101,17 +78,31 @@ def needs_ref(args) -> bool:
     return args.loss in losses.NEEDS_REF or (args.route or {}).get("difficulty") == "ref_margin"
 
 
+def run_batches(pairs: list[data.Pair], args) -> list[list[int]]:
+    """The whole run's batches, in the order they train: each epoch's `epoch_batches`, one epoch after another."""
+    epochs = args.epochs * (2 if args.order in ("two-stage", "reversed") else 1)
+    return [batch for epoch in range(epochs) for batch in epoch_batches(pairs, args, epoch)]
+
+
 def epoch_batches(pairs: list[data.Pair], args, epoch: int) -> list[list[int]]:
     """Batches of indices of epoch `epoch` of the run: --order length buckets by length and keeps full batches
-    only (the partial last batch is left out and counted); the others (data.curriculum_batches) train every pair,
+    only (the partial last batch is left out and counted); the others (curriculum_batches) train every pair,
     and two-stage and reversed runs have 2 x --epochs epochs, one stage after the other."""
     if args.order == "length":
-        batches = data.make_batches(pairs, args.batch_size, seed=args.seed + epoch)
+        batches = make_batches(pairs, args.batch_size, seed=args.seed + epoch)
         return routable([b for b in batches if len(b) == args.batch_size], pairs, args)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return routable(data.curriculum_batches(pairs, args.batch_size, epoch, epochs=args.epochs, order=args.order,
-                                            discard_difficult=args.discard_difficult, seed=args.seed + epoch,
-                                            min_last=max(2, world), **(mixdpo_settings(args) or {})), pairs, args)
+    return routable(curriculum_batches(pairs, args.batch_size, epoch, epochs=args.epochs, order=args.order,
+                                       discard_difficult=args.discard_difficult, seed=args.seed + epoch,
+                                       min_last=max(2, world), **(mixdpo_settings(args) or {})), pairs, args)
+
+
+def routable(batches: list[list[int]], pairs: list[data.Pair], args) -> list[list[int]]:
+    """--route-difficult around a loss that needs >= 2 pairs per batch (losses.NEEDS_TWO): the batches exchange
+    pairs so that the loss sees 0 or >= 2 of each (batches.balance_routed); other runs' batches as they are."""
+    if not (args.route and args.loss in losses.NEEDS_TWO):
+        return batches
+    return balance_routed(batches, [not e for e in easy_pairs(pairs, args)])
 
 
 def easy_pairs(pairs: list[data.Pair], args) -> list[bool] | None:
@@ -119,22 +110,167 @@ def easy_pairs(pairs: list[data.Pair], args) -> list[bool] | None:
     None for a run without routing."""
     if not args.route:
         return None
-    margins = data.difficulty_margins(pairs, args.route["difficulty"])
-    return [m >= args.route["difficulty_threshold"] for m in margins]
+    return [not hard for hard in difficult_pairs(pairs, args.route["difficulty_threshold"], args.route["difficulty"])]
 
 
-def routable(batches: list[list[int]], pairs: list[data.Pair], args) -> list[list[int]]:
-    """--route-difficult around a loss that needs >= 2 pairs per batch (losses.NEEDS_TWO): the batches exchange
-    pairs so that the loss sees 0 or >= 2 of each (data.balance_routed); other runs' batches as they are."""
-    if not (args.route and args.loss in losses.NEEDS_TWO):
-        return batches
-    return data.balance_routed(batches, [not e for e in easy_pairs(pairs, args)])
+def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int) -> None:
+    """What the data allows must be a run that trains: at least one batch, micro-batches that divide it, ranks that
+    stay in step, and held-out pairs when evaluation is asked for."""
+    if not train_pairs:
+        raise UserError(f"--data {args.data}: no usable training pairs (see the counts above)")
+    if not plan:
+        raise UserError(f"--batch-size {args.batch_size}: only {len(train_pairs)} training pairs, fewer than one "
+                        "batch; lower --batch-size or use more data")
+    if args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size:
+        raise UserError(f"--micro-batch-size {args.micro_batch_size} must divide the pairs per rank "
+                        f"({args.batch_size // world})")
+    if args.eval_split and not eval_pairs:
+        raise UserError(f"--eval-data {args.eval_data}: no usable held-out pairs; fix it or pass --eval-split ''")
+    micro = args.micro_batch_size or args.batch_size // world
+    counts = {tuple(-(-len(b[r::world]) // micro) for r in range(world)) for b in plan}
+    # collective per micro-batch: FSDP2's forwards, the gathered batch statistics, routed SFT's token mean
+    collective = ("--fsdp" if args.fsdp else f"--loss {args.loss}" if args.loss in losses.GATHERS
+                  else "--route-difficult" if args.route else None)
+    if world > 1 and collective and any(len(set(c)) > 1 for c in counts):
+        raise UserError(f"{collective}: a partial batch splits into unequal numbers of micro-batches across the "
+                        f"{world} ranks (each micro-batch is a collective step); drop --micro-batch-size, or use "
+                        "--order length (full batches only)")
+    easy = easy_pairs(train_pairs, args) if args.loss in losses.NEEDS_TWO else None
+    if easy and any(sum(easy[i] for i in b[r::world]) == 1 for b in plan for r in range(world)):
+        raise UserError(f"--route-difficult with --loss {args.loss} over {world} ranks: a rank's share of a batch "
+                        f"holds 1 easy pair, and {args.loss} needs 0 or >= 2; raise --batch-size, or use --order "
+                        "two-stage")
+    if world > 1 and args.route and args.loss in losses.GATHERS and args.order in ("per-epoch", "random"):
+        raise UserError(f"--route-difficult with --loss {args.loss} under DDP needs batches that are all easy or all "
+                        f"difficult (its batch statistics are gathered from every rank): use --order two-stage")
 
 
-def run_batches(pairs: list[data.Pair], args) -> list[list[int]]:
-    """The whole run's batches, in the order they train: each epoch's `epoch_batches`, one epoch after another."""
-    epochs = args.epochs * (2 if args.order in ("two-stage", "reversed") else 1)
-    return [batch for epoch in range(epochs) for batch in epoch_batches(pairs, args, epoch)]
+def build_model(args, model_dir: Path, device):
+    """(model, scorer, optimizer, scaler): fp32 master weights on the device; the scorer is what the loop calls
+    (DDP- or FSDP2-wrapped under torchrun); AdamW fused (one kernel per step, no foreach temporaries); a
+    GradScaler that is active for fp16 only."""
+    model = CausalLM.from_pretrained(model_dir).to(device).train()
+    model.gradient_checkpointing = args.grad_checkpointing
+    if args.compile:  # the decoder layers only: the scored-token gather and chunked head have data-dependent shapes
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)  # in place: state_dict keys (and checkpoints) stay unchanged
+    scorer = Scorer(model, args.logps_chunk_size)
+    scorer = distributed.wrap(scorer, args, device)  # DDP or FSDP2 under torchrun; the optimizer sees the shards
+    opt = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up before backward;
+    # the scaler unscales before clipping and skips the step (halving the scale) when it finds inf/NaN.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    return model, scorer, opt, scaler
+
+
+class Scorer(torch.nn.Module):
+    """packing.packed_logps as a forward(), so DDP's gradient hooks and torch.compile see the policy call."""
+
+    def __init__(self, model: CausalLM, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, n_seqs: int, **layout):
+        return packing.packed_logps(self.model, **layout, n_seqs=n_seqs, chunk_size=self.chunk_size)
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters, no foreach temporaries), with its state allocated now: AdamW
+    would allocate it at the end of step 1, after that step's peak, so step 2's peak would be higher by it."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    for group in opt.param_groups:  # exactly what AdamW's first step creates (zeros, step 0, fused: on the device)
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    return opt
+
+
+def report_plan(args, train_pairs: list, eval_pairs: list, plan: list, total: int) -> None:
+    """Print the resolved arguments, the recipe's sources, and what the run will train on."""
+    print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
+    print(f"recipe {recipes.describe(args.recipe)}" if args.recipe else "no recipe: the flags above as given")
+    print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {len(plan)} batches in {args.order} "
+          f"order ({len(train_pairs) - sum(map(len, plan)) / args.epochs:g} pairs per epoch left out: partial "
+          f"batches, discarded pairs), {total} steps, "
+          f"{packing.padding_fraction(train_pairs, plan, pack_tokens(args)):.1%} of the packed rows padding")
+
+
+def pack_tokens(args) -> int:
+    """--pack-tokens, 0 resolved: 2 x --max-length, which holds any pair (prompt + chosen + rejected)."""
+    return args.pack_tokens or 2 * args.max_length
+
+
+@torch.no_grad()
+def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> None:
+    """Before any update the policy *is* the reference: its log-probs must equal the cache and DPO's loss is ln 2.
+    A mismatch means the cache was built from other weights, tokens or template: fail before training on it."""
+    batch = packing.pack(pairs[:args.batch_size], pad_id, pack_tokens(args), device)
+    with precision.autocast(device, args.dtype):
+        scored = pair_logps(scorer, batch)
+    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
+    policy = torch.cat([scored["chosen_logps"], scored["rejected_logps"]])
+    cached = torch.cat([scored["ref_chosen_logps"], scored["ref_rejected_logps"]])
+    # fp32 differs only by summation order; 16-bit autocast rounds each token's log-prob
+    tol = (1e-3 if args.dtype == "fp32" else 2e-2) * (1 + cached.abs())
+    worst = ((policy - cached).abs() / tol).max().item()
+    dpo = losses.compute("dpo", scored)[0].mean().item()
+    if not (worst <= 1 and abs(dpo - math.log(2)) <= 1e-2):  # written so that a NaN fails it
+        raise UserError(f"step-0 check failed: policy log-probs differ from the reference cache (worst "
+                        f"{worst:.2f}x tolerance; DPO loss {dpo:.4f}, expected ln 2 = 0.6931). Delete "
+                        f"{args.cache_dir} to rebuild the cache.")
+    print(f"step-0 check passed: policy = cached reference (worst {worst:.3f}x tol), DPO loss = {dpo:.4f} "
+          f"(ln 2 = 0.6931)")
+
+
+def get_lr(step: int, total: int, args) -> float:
+    warmup = int(args.warmup_ratio * total)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac, "constant": 1.0}
+    return args.lr * decay[args.schedule]
+
+
+@torch.no_grad()
+def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_state: dict, device) -> dict:
+    """Held-out TRL metrics (prefixed eval_, as TRL names them) over all pairs, each rank taking every world-th batch.
+    The loss state is copied per batch: evaluation must not move the running statistics."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = make_batches(pairs, args.batch_size, shuffle=False)
+    batches = routable(merge_short_last(batches, 2), pairs, args)  # batch-statistic losses need B >= 2
+    mine = batches[rank::world]
+    mine += [None] * (-(-len(batches) // world) - len(mine))  # FSDP2's forwards are collective: as many per rank
+    scorer.eval()
+    sums, n = {}, 0
+    for b in mine:
+        with precision.autocast(device, args.dtype):
+            batch = packing.pack([pairs[i] for i in b or batches[0]], pad_id, pack_tokens(args), device)
+            scored = pair_logps(scorer, batch)
+        if b is None:  # a padding forward: its result is not counted
+            continue
+        _, metrics = losses.compute(args.loss, scored, step_hparams(args, step), state=copy.deepcopy(loss_state),
+                                    route=args.route)
+        sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
+        n += len(b)
+    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
+    scorer.train()
+    return {"eval_" + k: v for k, v in distributed.mean_over_ranks(sums, n, device).items()}
+
+
+def step_hparams(args, step: int) -> dict:
+    """The loss's hyperparameters at this step: margin_sigmoid's δ curriculum (Yao et al. 2025 §5.4.4) ramps δ
+    linearly from 0 to --delta over --curriculum-steps; everything else is constant."""
+    if not args.curriculum_steps:
+        return args.hparams
+    return {**args.hparams, "delta": args.hparams["delta"] * min(1.0, step / args.curriculum_steps)}
+
+
+def log(row: dict, history: list, out_dir: Path, tracker) -> None:
+    """Keep the row for the summary and, on rank 0, append it to metrics.jsonl (strict JSON, checkpoint.log) and
+    send it to the --report-to tracker."""
+    history.append(row)
+    if distributed.rank() == 0:
+        tracker.log(checkpoint.log(out_dir, row))
 
 
 def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_size: int, dtype: str,
@@ -142,16 +278,16 @@ def train_step(scorer, opt, scaler, micro_batches: list[dict], loss, *, batch_si
     """One optimizer step over this rank's micro-batches (packing.pack dicts, on the device): for each, forward
     under autocast -> fp32 log-probs -> loss -> scaled backward (across ranks, gradients sync on the last one only);
     then unscale -> clip -> step (skipped on inf/NaN gradients) -> update the scale -> zero the gradients.
-    `loss(t) -> (per-pair losses, per-pair metrics)` is losses.compute with this run's key, hyperparameters and
+    `loss(scored) -> (per-pair losses, per-pair metrics)` is losses.compute with this run's key, hyperparameters and
     state. Returns the global batch's mean loss (all ranks), the grad norm, whether the step was skipped, and the
     summed per-pair metrics, pairs and tokens of this rank."""
     world = distributed.world()
     sums, step_loss, tokens = {}, 0.0, 0
     for k, batch in enumerate(micro_batches):
         with distributed.gradient_sync(scorer, k == len(micro_batches) - 1):
-            with data.autocast(batch["input_ids"].device, dtype):
-                t = data.pair_logps(scorer, batch)
-            per_pair, metrics = loss(t)
+            with precision.autocast(batch["input_ids"].device, dtype):
+                scored = pair_logps(scorer, batch)
+            per_pair, metrics = loss(scored)
             # sum / global batch, times world: DDP and FSDP average gradients over ranks: this is the global mean
             micro_loss = per_pair.sum() * world / batch_size
             scaler.scale(micro_loss).backward()
@@ -187,142 +323,6 @@ def window_metrics(window: list[dict], seconds: float, world: int, device) -> di
             "padding_fraction": 1 - tokens / max(1, slots)}
 
 
-@torch.no_grad()
-def evaluate(scorer, pairs: list[data.Pair], pad_id: int, args, step: int, loss_state: dict, device) -> dict:
-    """Held-out TRL metrics (prefixed eval_, as TRL names them) over all pairs, each rank taking every world-th batch.
-    The loss state is copied per batch: evaluation must not move the running statistics."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches = data.make_batches(pairs, args.batch_size, shuffle=False)
-    if len(batches) > 1 and len(batches[-1]) == 1:  # batch-statistic losses need B >= 2
-        last = batches.pop()
-        batches[-1] += last
-    batches = routable(batches, pairs, args)
-    mine = batches[rank::world]
-    mine += [None] * (-(-len(batches) // world) - len(mine))  # FSDP2's forwards are collective: as many per rank
-    scorer.eval()
-    sums, n = {}, 0
-    for b in mine:
-        with data.autocast(device, args.dtype):
-            t = data.pair_logps(scorer, packing.pack([pairs[i] for i in b or batches[0]], pad_id, pack_tokens(args),
-                                                     device))
-        if b is None:  # a padding forward: its result is not counted
-            continue
-        _, metrics = losses.compute(args.loss, t, step_hparams(args, step), state=copy.deepcopy(loss_state),
-                                    route=args.route)
-        sums = {k: sums.get(k, 0.0) + v.sum() for k, v in metrics.items()}
-        n += len(b)
-    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
-    scorer.train()
-    return {"eval_" + k: v for k, v in distributed.mean_over_ranks(sums, n, device).items()}
-
-
-@torch.no_grad()
-def step0_check(scorer, pairs: list[data.Pair], pad_id: int, args, device) -> None:
-    """Before any update the policy *is* the reference: its log-probs must equal the cache and DPO's loss is ln 2.
-    A mismatch means the cache was built from other weights, tokens or template: fail before training on it."""
-    batch = packing.pack(pairs[:args.batch_size], pad_id, pack_tokens(args), device)
-    with data.autocast(device, args.dtype):
-        t = data.pair_logps(scorer, batch)
-    distributed.reshard(scorer)  # no backward follows: the FSDP2 root's weights must go back to their shards
-    policy = torch.cat([t["chosen_logps"], t["rejected_logps"]])
-    cached = torch.cat([t["ref_chosen_logps"], t["ref_rejected_logps"]])
-    # fp32 differs only by summation order; 16-bit autocast rounds each token's log-prob
-    tol = (1e-3 if args.dtype == "fp32" else 2e-2) * (1 + cached.abs())
-    worst = ((policy - cached).abs() / tol).max().item()
-    dpo = losses.compute("dpo", t)[0].mean().item()
-    if not (worst <= 1 and abs(dpo - math.log(2)) <= 1e-2):  # written so that a NaN fails it
-        raise UserError(f"step-0 check failed: policy log-probs differ from the reference cache (worst "
-                        f"{worst:.2f}x tolerance; DPO loss {dpo:.4f}, expected ln 2 = 0.6931). Delete "
-                        f"{args.cache_dir} to rebuild the cache.")
-    print(f"step-0 check passed: policy = cached reference (worst {worst:.3f}x tol), DPO loss = {dpo:.4f} "
-          f"(ln 2 = 0.6931)")
-
-
-def model_folder(args, rank: int) -> Path:
-    """The policy's local folder: the Hub download of --model, or for the demo a tiny init from scratch, built
-    once per seed in --cache-dir (by rank 0; the others wait)."""
-    if not (args.demo and args.model == "demo"):
-        return data.resolve_model_dir(args.model, args.revision)
-    folder = Path(refcache.reference_model(vars(args)))
-    if rank == 0 and not (folder / "model.safetensors").is_file():
-        build_demo_model(args, folder.with_suffix(".tmp"))
-        os.replace(folder.with_suffix(".tmp"), folder)
-    if dist.is_initialized():
-        dist.barrier()
-    return folder
-
-
-def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters, no foreach temporaries), with its state allocated now: AdamW
-    would allocate it at the end of step 1, after that step's peak, so step 2's peak would be higher by it."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    for group in opt.param_groups:  # exactly what AdamW's first step creates (zeros, step 0, fused: on the device)
-        for p in group["params"]:
-            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    return opt
-
-
-def build_model(args, model_dir: Path, device, world: int):
-    """(model, scorer, optimizer, scaler): fp32 master weights on the device; the scorer is what the loop calls
-    (DDP- or FSDP2-wrapped under torchrun); AdamW fused (one kernel per step, no foreach temporaries); a
-    GradScaler that is active for fp16 only."""
-    model = CausalLM.from_pretrained(model_dir).to(device).train()
-    model.gradient_checkpointing = args.grad_checkpointing
-    if args.compile:  # the decoder layers only: the scored-token gather and chunked head have data-dependent shapes
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)  # in place: state_dict keys (and checkpoints) stay unchanged
-    scorer = Scorer(model, args.logps_chunk_size)
-    scorer = distributed.wrap(scorer, args, device)  # DDP or FSDP2 under torchrun; the optimizer sees the shards
-    opt = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up before backward;
-    # the scaler unscales before clipping and skips the step (halving the scale) when it finds inf/NaN.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    return model, scorer, opt, scaler
-
-
-def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int) -> None:
-    """What the data allows must be a run that trains: at least one batch, micro-batches that divide it, ranks that
-    stay in step, and held-out pairs when evaluation is asked for."""
-    if not train_pairs:
-        raise UserError(f"--data {args.data}: no usable training pairs (see the counts above)")
-    if not plan:
-        raise UserError(f"--batch-size {args.batch_size}: only {len(train_pairs)} training pairs, fewer than one "
-                        "batch; lower --batch-size or use more data")
-    if args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size:
-        raise UserError(f"--micro-batch-size {args.micro_batch_size} must divide the pairs per rank "
-                        f"({args.batch_size // world})")
-    if args.eval_split and not eval_pairs:
-        raise UserError(f"--eval-data {args.eval_data}: no usable held-out pairs; fix it or pass --eval-split ''")
-    micro = args.micro_batch_size or args.batch_size // world
-    counts = {tuple(-(-len(b[r::world]) // micro) for r in range(world)) for b in plan}
-    # collective per micro-batch: FSDP2's forwards, the gathered batch statistics, routed SFT's token mean
-    collective = ("--fsdp" if args.fsdp else f"--loss {args.loss}" if args.loss in losses.GATHERS
-                  else "--route-difficult" if args.route else None)
-    if world > 1 and collective and any(len(set(c)) > 1 for c in counts):
-        raise UserError(f"{collective}: a partial batch splits into unequal numbers of micro-batches across the "
-                        f"{world} ranks (each micro-batch is a collective step); drop --micro-batch-size, or use "
-                        "--order length (full batches only)")
-    easy = easy_pairs(train_pairs, args) if args.loss in losses.NEEDS_TWO else None
-    if easy and any(sum(easy[i] for i in b[r::world]) == 1 for b in plan for r in range(world)):
-        raise UserError(f"--route-difficult with --loss {args.loss} over {world} ranks: a rank's share of a batch "
-                        f"holds 1 easy pair, and {args.loss} needs 0 or >= 2; raise --batch-size, or use --order "
-                        "two-stage")
-    if world > 1 and args.route and args.loss in losses.GATHERS and args.order in ("per-epoch", "random"):
-        raise UserError(f"--route-difficult with --loss {args.loss} under DDP needs batches that are all easy or all "
-                        f"difficult (its batch statistics are gathered from every rank): use --order two-stage")
-
-
-def report_plan(args, train_pairs: list, eval_pairs: list, plan: list, total: int) -> None:
-    """Print the resolved arguments, the recipe's sources, and what the run will train on."""
-    print("resolved arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
-    print(f"recipe {recipes.describe(args.recipe)}" if args.recipe else "no recipe: the flags above as given")
-    print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out; {len(plan)} batches in {args.order} "
-          f"order ({len(train_pairs) - sum(map(len, plan)) / args.epochs:g} pairs per epoch left out: partial "
-          f"batches, discarded pairs), {total} steps, "
-          f"{packing.padding_fraction(train_pairs, plan, pack_tokens(args)):.1%} of the packed rows padding")
-
-
 def main(argv=None) -> dict:
     args = get_args(argv)
     rank, world, device = distributed.setup(args)
@@ -337,12 +337,12 @@ def main(argv=None) -> dict:
     plan = run_batches(train_pairs, args)  # every step's batch of pair indices, the whole run
     check_plan(args, train_pairs, eval_pairs, plan, world)
     total = min(len(plan), args.max_steps or 10**12)
-    model, scorer, opt, scaler = build_model(args, model_dir, device, world)
+    model, scorer, opt, scaler = build_model(args, model_dir, device)
     pad_id = chat.load_tokenizer(model_dir).pad_id
     step, loss_state, last_ckpt = 0, {}, None
     counters = {"updates": 0, "skipped_steps": 0, "bad_streak": 0, "num_tokens": 0}
     if args.resume:
-        step, counters, last_ckpt = resume(out_dir, model, opt, scaler, loss_state, rank)
+        step, counters, last_ckpt = checkpoint.resume(out_dir, model, opt, scaler, loss_state, rank)
     elif rank == 0:
         checkpoint.start(args, out_dir)
     if rank == 0:  # provenance.json: the code, packages, machine and inputs of the run (a resume adds an entry)
@@ -402,43 +402,10 @@ def main(argv=None) -> dict:
     checkpoint.export(model, out_dir, args.save_dtype)
     tracker.close()
     if rank == 0:
-        summarize(history, out_dir, args)
+        tracking.summarize(history, out_dir, args.loss)
     if world > 1:
         dist.destroy_process_group()
     return {"history": history, "model": model, "out_dir": out_dir}
-
-
-def resume(out_dir: Path, model, opt, scaler, loss_state: dict, rank: int) -> tuple[int, dict, Path]:
-    """Load the run's newest complete checkpoint (checkpoint.find says if it is not the one latest.json names) and
-    drop the metrics rows logged after it: the resumed steps log them again. Returns (step, counters, folder)."""
-    ckpt = checkpoint.find(out_dir)
-    step, counters = checkpoint.load(ckpt, model, opt, scaler, loss_state)
-    if rank == 0:
-        checkpoint.truncate_log(out_dir, step)
-    print(f"rank {rank}: resumed from {ckpt} (step {step})")
-    return step, counters, ckpt
-
-
-def log(row: dict, history: list, out_dir: Path, tracker) -> None:
-    """Keep the row for the summary and, on rank 0, append it to metrics.jsonl (strict JSON, checkpoint.log) and
-    send it to the --report-to tracker."""
-    history.append(row)
-    if distributed.rank() == 0:
-        tracker.log(checkpoint.log(out_dir, row))
-
-
-def summarize(history: list[dict], out_dir: Path, args) -> None:
-    evals = [h for h in history if "eval_rewards/accuracies" in h]
-    train = [h for h in history if "loss" in h]
-    print(f"\n== {args.loss}: {train[-1]['step'] if train else 0} steps ==")
-    if evals:
-        print(f"held-out rewards/accuracies: {evals[0]['eval_rewards/accuracies']:.3f} (step {evals[0]['step']})"
-              f" -> {evals[-1]['eval_rewards/accuracies']:.3f} (step {evals[-1]['step']}); "
-              f"margin {evals[-1]['eval_rewards/margins']:+.3f}")
-    if train:
-        print(f"last train loss {train[-1]['loss']:.4f}, {train[-1]['tokens_per_s']:.0f} tokens/s, "
-              f"skipped steps {train[-1]['skipped_steps']}")
-    print(f"metrics: {out_dir / 'metrics.jsonl'}   final model: {out_dir / 'final'}")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat  # noqa: E402
-import data  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
-from cli import UserError  # noqa: E402
+from infra import hub, precision  # noqa: E402
+from infra.cli import UserError  # noqa: E402
 from model import CausalLM, Config  # noqa: E402
 
 CONFIGS = {  # "real" = Qwen2.5-0.5B-Instruct's shape (the dataclass defaults)
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--config", choices=CONFIGS, default="small", help="random-weight shape when --model is not given")
     p.add_argument("--model", default=None, help="real weights: checkpoint folder or Hub id (uses its tokenizer)")
-    p.add_argument("--dtype", choices=list(data.DTYPES), default="fp32", help="weight dtype")
+    p.add_argument("--dtype", choices=list(precision.DTYPES), default="fp32", help="weight dtype")
     p.add_argument("--bench", default="alpaca_eval", help="alpaca_eval | mt_bench (Hub) or a local prompts file")
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="rows decoded at once (both engines)")
@@ -177,9 +177,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     turns, source = load_turns(args.bench, args.limit)
-    dtype, tmp = data.DTYPES[args.dtype], Path(tempfile.mkdtemp())
+    dtype, tmp = precision.DTYPES[args.dtype], Path(tempfile.mkdtemp())
     if args.model:
-        model = data.load_model(args.model, dtype=dtype)
+        model = hub.load_model(args.model, dtype=dtype)
         tok, config = chat.load_tokenizer(model.source_dir), args.model
     else:
         tok = chat.load_tokenizer(bpe_tokenizer(synthetic_instructions(), 4096, tmp))

@@ -13,7 +13,7 @@ answers of ~--answer-words words from a word-level tokenizer (one token per word
 EOS appended to each answer as TRL does. DPO, beta 0.1, AdamW lr 1e-6, clip 1.0, --batch-size pairs per step,
 --epochs passes.
   ours: train.train_step on packing.pack batches (one segment prompt ‖ chosen ‖ rejected per pair), reference
-        log-probs precomputed once (data.score_pairs), AdamW fused, as train.py runs it; ours-ckpt: the same with
+        log-probs precomputed once (batches.score_pairs), AdamW fused, as train.py runs it; ours-ckpt: the same with
         activation checkpointing per decoder layer (train.py --grad-checkpointing);
   trl:  DPOTrainer with its defaults (a reference model beside the policy; 2B padded rows; full logits; TRL 1.x
         turns gradient checkpointing on by default), trl-nockpt: the same with gradient_checkpointing=False, and
@@ -44,10 +44,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import batches  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import packing  # noqa: E402
 import train  # noqa: E402
+from infra import precision  # noqa: E402
 from model import CausalLM, Config  # noqa: E402
 
 WORDS = 4000  # word-level vocabulary; the embedding keeps the model's 151,936 rows
@@ -63,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # internal: run one engine in this process
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(data.DTYPES), default="fp32", help="autocast dtype (fp16: GradScaler)")
+    p.add_argument("--dtype", choices=list(precision.DTYPES), default="fp32", help="autocast dtype (fp16: GradScaler)")
     p.add_argument("--layers", type=int, default=24, help="decoder layers (24 = Qwen2.5-0.5B)")
     p.add_argument("--shape", choices=["real", "tiny"], default="real", help="real: Qwen2.5-0.5B's widths and "
                    "vocabulary; tiny: width 64, the word vocabulary (benchmarks/gpu_check.py's CPU mode)")
@@ -120,7 +122,7 @@ def run_ours(args, folder: Path) -> dict:
              for i, r in enumerate(json.loads((folder / "pairs.json").read_text()))]
     model = CausalLM.from_pretrained(folder).to(device)
     model.gradient_checkpointing = args.engine == "ours-ckpt"
-    ref = data.score_pairs(model, pairs, 0, args.batch_size, device, args.dtype, budget=2 * args.max_length)
+    ref = batches.score_pairs(model, pairs, 0, args.batch_size, device, args.dtype, budget=2 * args.max_length)
     for p, c, r in zip(pairs, ref["chosen_logps"].tolist(), ref["rejected_logps"].tolist()):
         p.ref_chosen_logps, p.ref_rejected_logps = c, r
     model.train()
@@ -263,7 +265,7 @@ def workload_tokens(n: int = 8192, batch: int = 8, max_length: int = 1024, max_p
     rng.shuffle(order)
     padded = sum(2 * len(b) * max(packing.size(pairs[i]) - min(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
                                   for i in b) for b in (order[k:k + batch] for k in range(0, n, batch)))
-    ours_batches = data.make_batches(pairs, batch, seed=0)
+    ours_batches = batches.make_batches(pairs, batch, seed=0)
     budget = 2 * max_length
     frac = packing.padding_fraction(pairs, ours_batches, budget)
     real = sum(map(packing.size, pairs))
@@ -317,7 +319,7 @@ def workload_attention(args) -> dict:
 
 def run_scale_child(args) -> dict:
     """One rank of the scale workload (under torchrun, or alone): per-rank median step time and peak RSS."""
-    import distributed
+    from infra import distributed
     args.device, args.fsdp = "cpu", args.engine == "fsdp"
     rank, world, device = distributed.setup(argparse.Namespace(device="cpu", batch_size=args.batch_size))
     torch.manual_seed(args.seed)

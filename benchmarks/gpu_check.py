@@ -49,6 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import batches  # noqa: E402
 import data  # noqa: E402
 import generate  # noqa: E402
 import losses  # noqa: E402
@@ -209,7 +210,7 @@ def train_steps(device, dtype: str, steps: int = 4):
     before = [p.detach().clone() for p in model.parameters()]
     opt, scaler = train.adamw(model.parameters(), lr=1e-4), torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     scorer, pairs, out = train.Scorer(model, 1024), random_pairs(device, 4 * steps), []
-    ref = data.score_pairs(model, pairs, 0, 4, device, dtype)  # the init is the reference: first loss ln 2
+    ref = batches.score_pairs(model, pairs, 0, 4, device, dtype)  # the init is the reference: first loss ln 2
     for p, c, r in zip(pairs, ref["chosen_logps"].tolist(), ref["rejected_logps"].tolist()):
         p.ref_chosen_logps, p.ref_rejected_logps = c, r
     for s in range(steps):

@@ -1,4 +1,4 @@
-"""Make docs/report.png, the README's picture of `evaluate.py report`, from three demo runs, offline.
+"""Make docs/report.png, the picture of `evaluate.py report`, from three demo runs, offline (shown in docs/evaluation.md).
 
     for loss in dpo simpo rpo; do python train.py --demo --loss $loss; done
     python docs/make_report_figure.py runs/demo-dpo runs/demo-simpo runs/demo-rpo

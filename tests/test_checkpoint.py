@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import checkpoint
+from infra import checkpoint
 from model import CausalLM, Config
 
 

@@ -19,8 +19,10 @@ import chat
 import data
 import packing
 import refcache
-from cli import UserError
-from data import Pair, load_rows, make_batches, tokenize_pairs
+from batches import balance_routed, make_batches
+from data import Pair, load_rows, tokenize_pairs
+from infra import hub
+from infra.cli import UserError
 from refcache import ref_cache
 
 SYSTEM_BLOCK = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
@@ -410,7 +412,7 @@ def test_source_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"d\.csv: expected a \.jsonl, \.json or \.parquet"):
         load_rows(str(tmp_path / "d.csv"))
     (tmp_path / "broken.json").write_text('[{"prompt": "x"},')
-    with pytest.raises(UserError, match=r"broken\.json: invalid JSON at line 1"):
+    with pytest.raises(UserError, match=r"broken\.json: not valid JSON \(line 1"):
         load_rows(str(tmp_path / "broken.json"))
     (tmp_path / "p.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
@@ -588,7 +590,7 @@ def test_corrupt_cache_is_an_error_with_the_rebuild_command(cache_args, capsys):
         msg = str(err.value)
         assert expected in msg and str(out) in msg, msg
         command = msg.split("rebuild it with: ")[1]
-        assert command.startswith("python data.py --model ") and command.endswith(" --rebuild")
+        assert command.startswith("python refcache.py --model ") and command.endswith(" --rebuild")
         argv = __import__("shlex").split(command)[2:]
         refcache.main(argv)  # the command in the message rebuilds the cache
         assert (out / "meta.json").read_text() != "" and ref_cache(**cache_args)[2]["n"] == 13
@@ -641,10 +643,10 @@ def test_cli_help_documents_the_precompute(capsys):
 
 def test_model_folder_errors(tmp_path):
     with pytest.raises(UserError, match=r"\./rel/dir.*does not exist"):
-        data.resolve_model_dir("./rel/dir")
+        hub.resolve_model_dir("./rel/dir")
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(UserError, match="file.txt"):
-        data.load_model(str(tmp_path / "file.txt"))
+        hub.load_model(str(tmp_path / "file.txt"))
 
 
 def test_error_hub_unreachable(monkeypatch, tmp_path):
@@ -659,7 +661,7 @@ def test_error_hub_unreachable(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=r"'Qwen/Qwen2\.5-0\.5B-Instruct'.*Hub is unreachable.*local") as e:
-        data.load_model("Qwen/Qwen2.5-0.5B-Instruct")
+        hub.load_model("Qwen/Qwen2.5-0.5B-Instruct")
     assert "\n" not in str(e.value) and e.value.__cause__ is None and e.value.__suppress_context__
 
 
@@ -672,7 +674,7 @@ def test_error_hub_connection_failure(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(UserError, match="some-org/some-model"):
-        data.resolve_model_dir("some-org/some-model", revision="main")
+        hub.resolve_model_dir("some-org/some-model", revision="main")
 
 
 def test_balance_routed_leaves_the_loss_zero_or_two_easy_pairs():
@@ -681,19 +683,19 @@ def test_balance_routed_leaves_the_loss_zero_or_two_easy_pairs():
     qualify and take no part are unchanged."""
     hard = [False, True, True, True,   False, False, False, True,   True, True, True, True,   False, False, True, True]
     batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # easy: 1, 3, 0, 2
-    out = data.balance_routed(batches, hard)
+    out = balance_routed(batches, hard)
     easy = [sum(not hard[i] for i in b) for b in out]
     assert all(n == 0 or n >= 2 for n in easy) and easy == [2, 2, 0, 2]
     assert sorted(i for b in out for i in b) == list(range(16)) and [len(b) for b in out] == [4, 4, 4, 4]
     assert out[2] == batches[2] and out[3] == batches[3]
     # two batches with one easy pair each and nothing to spare: one gives its pair to the other
-    out = data.balance_routed([[0, 1], [2, 3]], [False, True, False, True])
+    out = balance_routed([[0, 1], [2, 3]], [False, True, False, True])
     assert sorted(sum(not [False, True, False, True][i] for i in b) for b in out) == [0, 2]
     # a batch with 2 easy pairs and room takes the lone one
-    out = data.balance_routed([[0, 1, 2], [3, 4, 5]], [False, True, True, False, False, True])
+    out = balance_routed([[0, 1, 2], [3, 4, 5]], [False, True, True, False, False, True])
     assert [sum(i in (0, 3, 4) for i in b) for b in out] == [0, 3]
     with pytest.raises(UserError, match="--route-difficult: a batch holds 1 easy pair.*1 easy pairs in all"):
-        data.balance_routed([[0, 1], [2, 3]], [False, True, True, True])
+        balance_routed([[0, 1], [2, 3]], [False, True, True, True])
 
 
 def test_row_name_is_one_based_lines_for_json_lines():

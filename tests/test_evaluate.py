@@ -10,7 +10,7 @@ import pytest
 import chat
 import evaluate
 import generate
-from cli import UserError
+from infra.cli import UserError
 from test_judge import server  # noqa: F401  (fixture: the fake OpenAI endpoint on 127.0.0.1)
 
 
@@ -69,7 +69,7 @@ def test_diagnostics_plots_and_table(tmp_path, capsys, names):
 
 def test_metric_names_old_and_new():
     """lr -> learning_rate, eval/x -> eval_x; TRL's names and every other key unchanged."""
-    import report
+    from evaluation import report
     old = {"step": 3, "lr": 1e-6, "eval/rewards/margins": 0.5, "eval/loss": 0.6, "rewards/margins": 0.1}
     new = {"step": 3, "learning_rate": 1e-6, "eval_rewards/margins": 0.5, "eval_loss": 0.6, "rewards/margins": 0.1}
     assert report.normalise(old) == new and report.normalise(new) == new
@@ -517,7 +517,7 @@ def test_from_runs_to_the_report(chatty_model_dir, tmp_path, server):
 def test_report_plots_keep_margin_kinds_apart(tmp_path):
     """report.png: every axis labelled with its unit; the dpo run's margins (reference-based) and simpo's
     (reference-free) never share an axis; the radar holds the MT-Bench categories."""
-    import report
+    from evaluation import report
     dpo = _run_folder(tmp_path / "dpo", "dpo", "lr", [{"step": s, "rewards/margins": 0.1 * s} for s in range(5)])
     simpo = _run_folder(tmp_path / "simpo", "simpo", "learning_rate",
                         [{"step": s, "rewards/margins": 0.5 * s, "logps/chosen": -s} for s in range(5)])

@@ -268,13 +268,13 @@ def test_a_model_json_cut_in_half_is_one_line(case, name):
 
 
 def test_a_parquet_file_that_is_not_parquet_is_one_line(case):
-    """train.py, data.py and evaluate.py prefs: one line naming the file, not an ArrowInvalid traceback."""
+    """train.py, refcache.py and evaluate.py prefs: one line naming the file, not an ArrowInvalid traceback."""
     fake = case["tmp"] / "pairs.parquet"
     fake.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     user_error(case["train"]("--data", fake, "--out-dir", case["tmp"] / "new"), "train.py", str(fake),
                "not a readable parquet file")
-    r = run("data.py", "--model", case["model"], "--data", fake, "--out", "c", cwd=case["tmp"])
-    user_error(r, "data.py", str(fake), "not a readable parquet file")
+    r = run("refcache.py", "--model", case["model"], "--data", fake, "--out", "c", cwd=case["tmp"])
+    user_error(r, "refcache.py", str(fake), "not a readable parquet file")
     r = run("evaluate.py", "prefs", "--model", case["model"], "--data", fake, "--out", "m.json", cwd=case["tmp"])
     user_error(r, "evaluate.py", str(fake), "not a readable parquet file")
     assert not (case["tmp"] / "new").exists()
@@ -395,5 +395,5 @@ def test_route_difficult_around_losses_that_need_two_pairs(case, loss, flags):
 
 def test_data_cli_refuses_a_csv(case):
     (case["tmp"] / "p.csv").write_text("a,b\n")
-    r = run("data.py", "--model", case["model"], "--data", "p.csv", "--out", "c", cwd=case["tmp"])
-    user_error(r, "data.py", "p.csv: expected a .jsonl, .json or .parquet")
+    r = run("refcache.py", "--model", case["model"], "--data", "p.csv", "--out", "c", cwd=case["tmp"])
+    user_error(r, "refcache.py", "p.csv: expected a .jsonl, .json or .parquet")

@@ -10,7 +10,7 @@ import torch
 from conftest import PAD, hf_model, make_model_dir, make_tokenizer_dir, ours_from
 
 import chat
-from cli import UserError
+from infra.cli import UserError
 from model import CausalLM
 
 import generate

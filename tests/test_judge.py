@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 
 import evaluate
-import judge
-import mt_bench
-import winrate
-from cli import UserError
+from evaluation import judge, mt_bench, winrate
+from infra.cli import UserError
 
 
 # ----------------------------------------------------------------------------- a fake OpenAI endpoint

@@ -9,7 +9,7 @@ import torch
 
 import packing
 from data import Pair
-from cli import UserError
+from infra.cli import UserError
 
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import evaluate
-import provenance
+from infra import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT_ENV = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "t",
@@ -37,11 +37,12 @@ def commit_all(folder: Path, message: str) -> str:
 
 
 def copy_code(dst: Path) -> Path:
-    """The code a run needs (every top-level .py, demo/, .gitignore), copied to dst."""
+    """The code a run needs (every top-level .py, infra/, evaluation/, demo/, .gitignore), copied to dst."""
     dst.mkdir(parents=True)
     for f in [*ROOT.glob("*.py"), ROOT / ".gitignore"]:
         shutil.copy(f, dst)
-    shutil.copytree(ROOT / "demo", dst / "demo")
+    for folder in ("infra", "evaluation", "demo"):
+        shutil.copytree(ROOT / folder, dst / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
 
@@ -252,6 +253,9 @@ def test_resuming_a_run_from_before_provenance_records_it_whole_and_a_bad_record
     assert (entry["record"]["dtype"], entry["record"]["recipe"]) == ("bf16", "yao-dpo")
     assert [d["source"] for d in entry["record"]["data"]] == [str(pref_jsonl)]  # no held-out data: none recorded
     (run / "provenance.json").write_text('{"start": {')
+    with pytest.raises(provenance.UserError, match="provenance.json: not valid JSON .*move it away"):
+        provenance.write_run(run, args, tiny_model_dir, "cpu", 1, resumed_step=8)
+    (run / "provenance.json").write_text('{"start": null}')
     with pytest.raises(provenance.UserError, match="provenance.json: not a provenance record"):
         provenance.write_run(run, args, tiny_model_dir, "cpu", 1, resumed_step=8)
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import recipes  # noqa: E402
+from infra import recipes  # noqa: E402
 
 PY = "train_dpo.py"  # Yao et al.'s release: Oaynerad/11711---Alignment-on-small-LLM
 YAO = {"model": ("Qwen/Qwen2.5-0.5B-Instruct", "§3"), "data": ("trl-lib/ultrafeedback_binarized", PY),

@@ -12,16 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import batches
 import chat
-import checkpoint
-import cli
 import data
-import flags
 import losses
 import packing
-import recipes
 import train
-from cli import UserError
+from infra import checkpoint, cli, flags, recipes
+from infra.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -323,7 +321,7 @@ def test_train_step_is_one_exact_optimizer_step(tiny_model_dir):
     loss = functools.partial(losses.compute, "simpo")
     model = train.CausalLM.from_pretrained(tiny_model_dir).train()
     score = functools.partial(packing.packed_logps, model)
-    want = losses.compute("simpo", data.pair_logps(score, packing.pack(pairs, 0, budget=512)))[0].mean()
+    want = losses.compute("simpo", batches.pair_logps(score, packing.pack(pairs, 0, budget=512)))[0].mean()
     want.backward()
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
     whole, m1 = _step(tiny_model_dir, pairs, [4], loss)
@@ -342,7 +340,7 @@ def test_train_step_is_one_exact_optimizer_step(tiny_model_dir):
 
 @pytest.mark.parametrize("cli, argv, names", [
     ("train.py", ["--demo", "--loss", "dpo", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
-    ("data.py", ["--model", "no/such/dir/", "--data", "x.jsonl", "--out", "c"], "'no/such/dir/' does not exist"),
+    ("refcache.py", ["--model", "no/such/dir/", "--data", "x.jsonl", "--out", "c"], "'no/such/dir/' does not exist"),
     ("evaluate.py", ["diagnostics", "no_run", "--out", "d"], "diagnostics: no_run not found"),
 ])
 def test_cli_user_error_is_one_line_exit_2(cli, argv, names, tmp_path):
@@ -412,7 +410,7 @@ def test_curriculum_batches_orders():
     pair, shuffled per seed. discard_difficult: only the easy pairs. ref_margin reads the reference margins."""
     pairs, tau = _pairs(MARGINS), 0.5
     margins = lambda batches: [[MARGINS[i] for i in b] for b in batches]  # noqa: E731
-    batch = lambda epoch, **kw: data.curriculum_batches(pairs, 4, epoch, epochs=2, seed=epoch, min_last=2,  # noqa: E731
+    batch = lambda epoch, **kw: batches.curriculum_batches(pairs, 4, epoch, epochs=2, seed=epoch, min_last=2,  # noqa: E731
                                                         **kw)
     easy, hard = [[3.0, 2.5, 2.0, 1.5], [1.0, 0.75, 0.5]], [[0.4, 0.3, 0.2, 0.1], [0.0, -0.5]]
     assert [margins(batch(e)) for e in range(4)] == [easy, easy, hard, hard]
@@ -471,11 +469,11 @@ def test_curriculum_ties_are_shuffled_per_epoch():
     shuffle: it differs between epochs (seeds) and is not the file order. (Left unshuffled, every epoch would train
     the tied pairs in file order.)"""
     pairs = _pairs([1.0] * 6 + [0.0] * 6)
-    orders = [data.curriculum_batches(pairs, 12, 0, epochs=1, order="per-epoch", seed=seed)[0] for seed in range(4)]
+    orders = [batches.curriculum_batches(pairs, 12, 0, epochs=1, order="per-epoch", seed=seed)[0] for seed in range(4)]
     assert all(sorted(o[:6]) == list(range(6)) and sorted(o[6:]) == list(range(6, 12)) for o in orders)
     assert len({tuple(o[:6]) for o in orders}) > 1 and len({tuple(o[6:]) for o in orders}) > 1
     assert all(o != list(range(12)) for o in orders)
-    two_stage = [data.curriculum_batches(pairs, 6, 0, epochs=1, seed=seed)[0] for seed in range(4)]
+    two_stage = [batches.curriculum_batches(pairs, 6, 0, epochs=1, seed=seed)[0] for seed in range(4)]
     assert len({tuple(o) for o in two_stage}) > 1 and all(sorted(o) == list(range(6)) for o in two_stage)
 
 
@@ -558,7 +556,7 @@ def test_tensorboard_gets_the_metrics_rows(tmp_path, cache_dir):
 
 
 def test_report_to_a_missing_package_is_a_one_line_hint(monkeypatch, capsys):
-    import tracking
+    from infra import tracking
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as e:
         train.get_args(["--report-to", "wandb"])
@@ -631,7 +629,7 @@ def test_scale_out_pointers_lead_to_a_page_that_exists():
     """recipes.py and LOSSES.md point to docs/scale-out.md (there was no "README: Scale-out" section); the page says
     what --resume may change, that it cannot extend a run, and how to plan GPU memory without a GPU."""
     page = ROOT / "docs" / "scale-out.md"
-    for f in ("recipes.py", "LOSSES.md", "README.md"):
+    for f in ("infra/recipes.py", "LOSSES.md", "README.md"):
         text = (ROOT / f).read_text()
         assert "README: Scale-out" not in text and "docs/scale-out.md" in text, f
     text = page.read_text()

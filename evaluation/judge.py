@@ -40,11 +40,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import cli
 import data
-import provenance
-import winrate
-from cli import UserError
+from evaluation import winrate
+from infra import cli, hub, provenance
+from infra.cli import UserError
 
 # Our own judge prompt (ChatML, alpaca_eval's template format); --judge-template replaces it with an official one.
 BUILTIN_TEMPLATE = """<|im_start|>system
@@ -108,10 +107,10 @@ class Endpoint:
 
 def usage_line(res: dict) -> str:
     """The requests of this run, and the tokens and cost of all the verdicts used (cached ones included)."""
-    u, t = res["usage_this_run"], res["usage"]
-    cost = "unknown (set --price-input/--price-output)" if t["cost_usd"] is None else f"${t['cost_usd']:.4f}"
+    u, totals = res["usage_this_run"], res["usage"]
+    cost = "unknown (set --price-input/--price-output)" if totals["cost_usd"] is None else f"${totals['cost_usd']:.4f}"
     return (f"judge usage: {u['requests']} requests this run ({u['retries']} retries); all verdicts: "
-            f"{t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens, cost {cost}")
+            f"{totals['prompt_tokens']} prompt + {totals['completion_tokens']} completion tokens, cost {cost}")
 
 
 def endpoint(args) -> Endpoint:
@@ -242,17 +241,6 @@ def run_pool(fn, items: list, concurrency: int, desc: str) -> list:
     return [fut.result() for fut in futures]
 
 
-def hub_file(repo: str, filename: str, repo_type: str, flag: str) -> Path:
-    """A file of a Hub dataset or space (huggingface_hub's cache); UserError naming the flag if unreachable."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
-    try:
-        return Path(hf_hub_download(repo, filename, repo_type=repo_type))
-    except (OSError, HfHubHTTPError) as e:  # offline, unreachable, no such file: all one message
-        raise UserError(f"cannot download {filename} of the Hub {repo_type} {repo} ({type(e).__name__}); download "
-                        f"it elsewhere and pass {flag} PATH") from None
-
-
 def check_answered(failed: int, total: int, what: str, cache: Path, allow_partial: bool) -> dict:
     """A judge run whose requests failed for some items (retries ran out) has no result over all of them: a
     UserError (exit 2) saying how many are missing and that the same command asks only for them (the others are
@@ -310,13 +298,13 @@ def weighted_preference(reply: dict) -> float | None:
     the first token's top log-probabilities; None if neither token is among them."""
     try:
         top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        lp = {t["token"]: float(t["logprob"]) for t in top if t["token"] in LABELS}
+        lp = {entry["token"]: float(entry["logprob"]) for entry in top if entry["token"] in LABELS}
     except (KeyError, IndexError, TypeError, ValueError):
         return None
     if not lp:
         return None
-    m, big = lp.get("m", -math.inf), lp.get("M", -math.inf)
-    return 2 - math.exp(m - np.logaddexp(m, big))
+    logp_m, logp_M = lp.get("m", -math.inf), lp.get("M", -math.inf)
+    return 2 - math.exp(logp_m - np.logaddexp(logp_m, logp_M))
 
 
 def binary_preference(reply: dict) -> float | None:
@@ -383,8 +371,8 @@ def cmd_judge(args) -> dict:
         if not (args.outputs and args.reference):
             raise UserError("judge --bench alpaca_eval: give --outputs and --reference (or --annotations)")
         if args.reference == "alpaca_eval":  # AlpacaEval 2's baseline: GPT-4 Turbo's outputs
-            args.reference = str(hub_file("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json", "dataset",
-                                          "--reference"))
+            args.reference = str(hub.hub_file("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json", "dataset",
+                                              "download it elsewhere and pass --reference PATH"))
         outs, refs = read_outputs(args.outputs), read_outputs(args.reference)
         ref = {r["instruction"]: r for r in refs}
         items = [dict(r, reference=ref[r["instruction"]]["output"]) for r in outs if r["instruction"] in ref]

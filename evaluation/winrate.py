@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 import data
-from cli import UserError
+from infra import hub
+from infra.cli import UserError
 
 GAMED_HUB = ("tatsu-lab/alpaca_eval", "df_gamed.csv")  # dataset repo, file
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV(Cs=10)
@@ -67,14 +68,8 @@ def resolve_df_gamed(spec: str) -> Path:
         if not Path(spec).is_file():
             raise UserError(f"--df-gamed {spec}: no such file")
         return Path(spec)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
-    try:
-        return Path(hf_hub_download(GAMED_HUB[0], GAMED_HUB[1], repo_type="dataset"))
-    except (OSError, HfHubHTTPError) as e:  # offline, unreachable, no such file: all one message
-        raise UserError(f"cannot download {GAMED_HUB[1]} of the Hub dataset {GAMED_HUB[0]} ({type(e).__name__}), "
-                        f"needed by the length-controlled win rate; download it elsewhere and pass --df-gamed PATH, "
-                        f"or --no-lc") from None
+    return hub.hub_file(*GAMED_HUB, "dataset", "the length-controlled win rate needs it: download it elsewhere and "
+                        "pass --df-gamed PATH, or --no-lc")
 
 
 def read_df_gamed(path) -> dict:

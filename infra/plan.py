@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-import data
-from cli import UserError
+from infra import hub
+from infra.cli import UserError
 from model import CausalLM, Config
 
 ACT_D = {4: 37.5, 2: 34.9}  # bytes per hidden unit and token a decoder layer keeps, by compute-dtype size (fp32, 16-bit)
@@ -33,17 +33,13 @@ GIB = 2.0 ** 30
 def config_of(args) -> Config:
     """The policy's config.json: the demo's, a local folder's, or the Hub's (that one file only)."""
     if args.demo and args.model == "demo":
-        return Config.from_json(Path(__file__).resolve().parent / "demo" / "config.json")
+        return Config.from_json(Path(__file__).resolve().parent.parent / "demo" / "config.json")
     folder = Path(args.model).expanduser()
     if folder.is_dir():
         return Config.from_json(folder / "config.json") if (folder / "config.json").is_file() else \
-            data.load_model(str(folder)).config  # resolve_model_dir names the missing file
-    from huggingface_hub import hf_hub_download
-    try:
-        return Config.from_json(hf_hub_download(args.model, "config.json", revision=args.revision))
-    except OSError as e:
-        raise UserError(f"--dry-run: cannot get {args.model}'s config.json ({type(e).__name__}); pass a local "
-                        "folder") from None
+            hub.load_model(str(folder)).config  # resolve_model_dir names the missing file
+    return Config.from_json(hub.hub_file(args.model, "config.json", "model", "--dry-run needs only this file: pass "
+                                         "a local folder that holds it", revision=args.revision))
 
 
 def plan(args, config: Config, world: int) -> dict[str, float]:

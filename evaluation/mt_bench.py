@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
 import data
-import judge
-import provenance
-from cli import UserError
+from evaluation import judge
+from infra import cli, hub, provenance
+from infra.cli import UserError
 
 NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")  # graded against a reference answer
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -45,7 +44,7 @@ PROMPTS = {(False, False): "single-v1", (True, False): "single-math-v1", (False,
 
 def source(spec: str, flag: str) -> str:
     """A local path as is; "mt_bench": the Hub file for that flag."""
-    return str(judge.hub_file(*HUB[flag], flag=flag)) if spec == "mt_bench" else spec
+    return str(hub.hub_file(*HUB[flag], f"download it elsewhere and pass {flag} PATH")) if spec == "mt_bench" else spec
 
 
 def check_questions(rows: list, path) -> list[dict]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from cli import UserError, read_json
+from infra.cli import UserError, read_json
 
 
 def read_weights(folder: Path, shapes: dict, dtype, optional: str) -> tuple[dict[str, Tensor], dict[str, Path]]:

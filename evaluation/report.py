@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
 import data
 import losses
-import provenance
-from cli import UserError, read_json
+from infra import cli, provenance
+from infra.cli import UserError, read_json
 
 
 def normalise(row: dict) -> dict:
@@ -227,15 +226,15 @@ def markdown(rows: list[dict]) -> str:
     head = ("| run | loss | hyperparameters | AlpacaEval WR (%) | LC WR (%) | avg length (chars) | MT-Bench turn 1 | "
             "turn 2 | mean | held-out reward acc. | held-out margin | commit |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for t, commit in zip(rows, commits):
-        lines.append(f"| {t['run']} | {t['loss'] or '–'} | {t['hyperparameters'] or '–'} | "
-                     f"{pm(t['alpaca_wr'], t['alpaca_wr_se'])} | {pm(t['alpaca_lc'], t['alpaca_lc_se'])} | "
-                     f"{num(t['avg_length_chars'], '.0f')} | {num(t['mt_bench_turn_1'], '.2f')} | "
-                     f"{num(t['mt_bench_turn_2'], '.2f')} | {num(t['mt_bench_mean'], '.2f')} | "
-                     f"{num(t['heldout_reward_accuracy'], '.3f')} | {num(t['heldout_reward_margin'], '.3f')} | "
+    for row, commit in zip(rows, commits):
+        lines.append(f"| {row['run']} | {row['loss'] or '–'} | {row['hyperparameters'] or '–'} | "
+                     f"{pm(row['alpaca_wr'], row['alpaca_wr_se'])} | {pm(row['alpaca_lc'], row['alpaca_lc_se'])} | "
+                     f"{num(row['avg_length_chars'], '.0f')} | {num(row['mt_bench_turn_1'], '.2f')} | "
+                     f"{num(row['mt_bench_turn_2'], '.2f')} | {num(row['mt_bench_mean'], '.2f')} | "
+                     f"{num(row['heldout_reward_accuracy'], '.3f')} | {num(row['heldout_reward_margin'], '.3f')} | "
                      f"{commit} |")
-    judges = sorted({f"AlpacaEval: {t['alpaca_judge']}" for t in rows if t["alpaca_judge"]} |
-                    {f"MT-Bench: {t['mt_bench_judge']}" for t in rows if t["mt_bench_judge"]})
+    judges = sorted({f"AlpacaEval: {row['alpaca_judge']}" for row in rows if row["alpaca_judge"]} |
+                    {f"MT-Bench: {row['mt_bench_judge']}" for row in rows if row["mt_bench_judge"]})
     notes = ["", "WR: AlpacaEval win rate against the reference outputs; LC: alpaca_eval's length-controlled win rate "
              "(± standard error). MT-Bench: FastChat single-answer grades, 1–10. Held-out reward accuracy and margin: "
              "prefs.json if the run has one, else the last eval_ row of metrics.jsonl.", "",
@@ -302,7 +301,7 @@ def cmd_report(args) -> list[dict]:
         with open(p, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
-            w.writerows({k: "" if v is None else v for k, v in t.items()} for t in rows)
+            w.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     cli.atomic_write(out / "report.csv", write_csv)
     print(text)
     try:

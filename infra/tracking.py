@@ -1,10 +1,11 @@
 """Experiment tracking: the rows train.py writes to metrics.jsonl, sent as well to TensorBoard, Weights & Biases or
 Trackio (--report-to). Each is an optional install; a missing one is a one-line error naming the package to install,
-found when the arguments are checked, before any work."""
+found when the arguments are checked, before any work. summarize prints the run in a few lines at its end."""
 import importlib.util
 import math
+from pathlib import Path
 
-from cli import UserError
+from infra.cli import UserError
 
 PACKAGES = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
@@ -44,3 +45,19 @@ class Tracker:
             self.run.close()
         elif self.run is not None:
             self.run.finish()
+
+
+def summarize(history: list[dict], out_dir: Path, loss: str) -> None:
+    """The run in a few lines at its end: held-out reward accuracy first and last, the last train loss and
+    throughput, where the metrics and the final model are."""
+    evals = [h for h in history if "eval_rewards/accuracies" in h]
+    train = [h for h in history if "loss" in h]
+    print(f"\n== {loss}: {train[-1]['step'] if train else 0} steps ==")
+    if evals:
+        print(f"held-out rewards/accuracies: {evals[0]['eval_rewards/accuracies']:.3f} (step {evals[0]['step']})"
+              f" -> {evals[-1]['eval_rewards/accuracies']:.3f} (step {evals[-1]['step']}); "
+              f"margin {evals[-1]['eval_rewards/margins']:+.3f}")
+    if train:
+        print(f"last train loss {train[-1]['loss']:.4f}, {train[-1]['tokens_per_s']:.0f} tokens/s, "
+              f"skipped steps {train[-1]['skipped_steps']}")
+    print(f"metrics: {out_dir / 'metrics.jsonl'}   final model: {out_dir / 'final'}")

@@ -10,13 +10,10 @@ from pathlib import Path
 
 import torch
 
-import cli
 import data
 import losses
-import plan
-import recipes
-import tracking
-from cli import UserError
+from infra import cli, hub, plan, precision, recipes, tracking
+from infra.cli import UserError
 
 USAGE = """Preference fine-tuning of Qwen2.5-0.5B-Instruct with any loss of losses.LOSSES: the bare fp16 AMP loop.
 
@@ -31,7 +28,7 @@ and only after every flag and input has been checked. Exit status: 0 when the ru
 2 for a mistake in the input (one line), anything else for a crash.
 """  # the --help text
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root (demo/)
 DEMO = dict(model="demo", data=str(HERE / "demo/train.jsonl"), eval_data=str(HERE / "demo/test.jsonl"),
             max_length=128, max_prompt_length=96, epochs=3, lr=1e-3, warmup_ratio=0.05, eval_every=50,
             log_every=10, out_dir="runs/demo-{loss}", cache_dir="runs/demo-cache", schedule="cosine",
@@ -114,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device-memory", type=float, default=0.0, help="--dry-run: GiB per device (0 = this machine's "
                    "GPU, else its RAM)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=data.DEFAULT_MODEL, help="Hub id or local folder of the policy (also the "
+    g.add_argument("--model", default=hub.DEFAULT_MODEL, help="Hub id or local folder of the policy (also the "
                    "reference: the frozen starting point)")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
     g.add_argument("--data", default=data.DEFAULT_DATASET, help="Hub dataset id or a local .jsonl/.json/.parquet "
@@ -166,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = no clipping)")
     g.add_argument("--seed", type=int, default=42, help="seed of data order and demo init")
     g = p.add_argument_group("precision and speed")
-    g.add_argument("--dtype", choices=list(data.DTYPES), default="fp16", help="autocast dtype; fp16 uses a "
+    g.add_argument("--dtype", choices=list(precision.DTYPES), default="fp16", help="autocast dtype; fp16 uses a "
                    "GradScaler (papers' setting); weights and optimizer state stay fp32")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import UserError
+from infra.cli import UserError
 
 
 def setup(args) -> tuple[int, int, torch.device]:
@@ -85,24 +85,24 @@ def gradient_sync(scorer, sync: bool):
     return contextlib.nullcontext()
 
 
-def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """The concatenation of a 1-D t over all ranks; sizes may differ (the shards of a partial last batch)."""
-    n = torch.tensor([t.numel()], device=t.device)
+def all_gather(values: torch.Tensor) -> torch.Tensor:
+    """The concatenation of a 1-D tensor over all ranks; sizes may differ (the shards of a partial last batch)."""
+    n = torch.tensor([values.numel()], device=values.device)
     sizes = [torch.empty_like(n) for _ in range(world())]
     dist.all_gather(sizes, n)
     most = int(max(sizes))
-    out = [t.new_empty(most) for _ in range(world())]
-    dist.all_gather(out, torch.cat([t, t.new_zeros(most - t.numel())]))
+    out = [values.new_empty(most) for _ in range(world())]
+    dist.all_gather(out, torch.cat([values, values.new_zeros(most - values.numel())]))
     return torch.cat([o[:int(k)] for o, k in zip(out, sizes)])
 
 
 def mean_over_ranks(sums: dict, count: float, device) -> dict:
     """{key: sum over all ranks / count over all ranks} in one all-reduce (no-op on one process)."""
     keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys] + [count], dtype=torch.float64, device=device)
+    totals = torch.tensor([float(sums[k]) for k in keys] + [count], dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(t)
-    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
+        dist.all_reduce(totals)
+    return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
 
 
 def all_finite(model) -> bool:

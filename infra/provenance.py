@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-import cli
 import data
 import refcache
-from cli import UserError
+from infra import cli
+from infra.cli import UserError
 
-HERE = Path(__file__).resolve().parent  # the code whose commit is recorded
+HERE = Path(__file__).resolve().parent.parent  # the repository root: the code whose commit is recorded
 PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "jinja2", "transformers", "triton")  # None: not installed
 GIT_TIMEOUT = 20  # seconds: a git stuck on a lock or a network filesystem must not stop a run
 DIFF_COVERS = ("`git diff HEAD --binary` (staged and unstaged changes to tracked files), then the path and sha256 of "
@@ -138,11 +138,8 @@ def write_run(out_dir: Path, args, model_dir: Path, device, world: int, resumed_
 
 
 def read_doc(path: Path) -> dict:
-    """A provenance.json's content; UserError naming it if it is not one."""
-    try:
-        doc = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        doc = f"{type(e).__name__}: {e}"
+    """A provenance.json's content (cli.read_json); UserError naming it if it is not one."""
+    doc = cli.read_json(path, fix="; move it away to go on without it")
     if not (isinstance(doc, dict) and isinstance(doc.get("resumes"), list) and "start" in doc):
         raise UserError(f"{path}: not a provenance record ({str(doc)[:80]}); move it away to go on without it")
     return doc

@@ -25,10 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import cli
 import data
-import distributed
-from cli import UserError, read_json
+from infra import cli, distributed, precision
+from infra.cli import UserError, read_json
 from model import CausalLM
 
 # Arguments that do not change what is trained: they may differ when a run is resumed.
@@ -221,6 +220,18 @@ def load(ckpt: Path, model, opt, scaler, loss_state: dict) -> tuple[int, dict]:
     return state["step"], state["counters"]
 
 
+def resume(out_dir: Path, model, opt, scaler, loss_state: dict, rank: int) -> tuple[int, dict, Path]:
+    """train.py --resume: load the run's newest complete checkpoint (find says if it is not the one latest.json
+    names) and drop the metrics rows logged after it: the resumed steps log them again. Returns (step, counters,
+    folder)."""
+    ckpt = find(out_dir)
+    step, counters = load(ckpt, model, opt, scaler, loss_state)
+    if rank == 0:
+        truncate_log(out_dir, step)
+    print(f"rank {rank}: resumed from {ckpt} (step {step})")
+    return step, counters, ckpt
+
+
 def export(model, out_dir: Path, dtype: str = "source") -> Path:
     """out_dir/final, called on every rank: the trained model as one Hugging Face folder (gathered from the shards
     under FSDP2), in `dtype` ("source": the dtype config.json of the model we started from names; or fp32, bf16,
@@ -231,7 +242,7 @@ def export(model, out_dir: Path, dtype: str = "source") -> Path:
                         "--dtype bf16/fp32)")
     state, final, tmp = distributed.full_state_dict(model), out_dir / "final", out_dir / "final.tmp"
     if distributed.rank() == 0:
-        target = getattr(torch, model.config.torch_dtype) if dtype == "source" else data.DTYPES[dtype]
+        target = getattr(torch, model.config.torch_dtype) if dtype == "source" else precision.DTYPES[dtype]
         with torch.device("meta"):
             out = CausalLM(model.config)
         out.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)

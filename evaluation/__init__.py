@@ -1,0 +1,1 @@
+"""Evaluation: the LLM judge, AlpacaEval win rates, MT-Bench and the report."""
