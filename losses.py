@@ -25,8 +25,8 @@ The call, the same for every loss:
       [B] s_w, s_l; `state` (STATEFUL), a dict of running statistics that the caller owns: {} at the first step,
       then the same dict every step, checkpointed, and a copy when evaluating (each call is one update); `gather`
       (GATHERS), None (this process's batch) or a callable concatenating a detached 1-D tensor over DDP ranks, so
-      that batch statistics (and `sft`'s, `mixdpo`'s token mean) cover the global batch; `metrics`, None or a dict every loss fills with its extra
-      detached 0-d tensors named "<key>/<what>";
+      that batch statistics (and `sft`'s, `mixdpo`'s token mean) cover the global batch; `metrics`, None or a dict
+      every loss fills with its extra detached 0-d tensors named "<key>/<what>";
     * a bad hyperparameter or input raises ValueError naming the loss.
 `compute(key, batch, hparams)` runs a key on a batch dict and adds TRL-named per-pair metrics; `route=` wraps any key
 in MixDPO's routing (the pairs `difficult` flags get SFT).

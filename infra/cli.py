@@ -1,5 +1,6 @@
-"""What every command line here shares: UserError, the one JSON reader, argparse whose errors are one line, --help with defaults, the entry
-point that turns a UserError into one line and exit status 2, and atomic_write for the files the commands write."""
+"""What every command line here shares: UserError, the one JSON reader, argparse whose errors are one line, --help
+with defaults, the entry point that turns a UserError into one line and exit status 2, and atomic_write for the
+files the commands write."""
 import argparse
 import json
 import os
