@@ -32,6 +32,7 @@ The reference log-prob cache built from these pairs is refcache.py (`python refc
 """
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,8 @@ def _parse_row(row) -> dict:
         v = row.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ValueError(f"{key!r} must be a number, got {v!r:.40}")
+        if v is not None and not math.isfinite(v):  # NaN (pandas' missing value) would route a pair arbitrarily
+            raise ValueError(f"{key!r} must be a finite number, got {v}; drop the row or give it a score")
         scores.append(None if v is None else float(v))
     return dict(prompt=prompt, chosen=chosen, rejected=rejected, tools=tools or None, kwargs=kwargs, scores=scores)
 

@@ -360,6 +360,7 @@ BAD_ROWS = {
     "'tools' is not valid JSON": json.dumps({**conv_row("Hi", "x", "y"), "tools": "[{"}),
     "'tools' must be a list of JSON schemas": json.dumps({**conv_row("Hi", "x", "y"), "tools": {"a": 1}}),
     "'score_chosen' must be a number": json.dumps({**GOOD, "score_chosen": "high"}),
+    "'score_rejected' must be a finite number, got nan": json.dumps({**GOOD, "score_rejected": float("nan")}),
     "expected a JSON object, got list": json.dumps([GOOD]),
 }
 
