@@ -140,7 +140,8 @@ def check_plan(args, train_pairs: list, eval_pairs: list, plan: list, world: int
         raise UserError(f"--route-difficult with --loss {args.loss} over {world} ranks: a rank's share of a batch "
                         f"holds 1 easy pair, and {args.loss} needs 0 or >= 2; raise --batch-size, or use --order "
                         "two-stage")
-    if world > 1 and args.route and args.loss in losses.GATHERS and args.order in ("per-epoch", "random"):
+    # a rank whose share of a mixed batch holds no easy pair would skip the gather the other ranks wait in
+    if world > 1 and args.route and args.loss in losses.GATHERS and args.order not in ("two-stage", "reversed"):
         raise UserError(f"--route-difficult with --loss {args.loss} under DDP needs batches that are all easy or all "
                         f"difficult (its batch statistics are gathered from every rank): use --order two-stage")
 

@@ -123,6 +123,21 @@ def test_unequal_micro_batches_across_ranks_are_refused_where_they_are_collectiv
             train.check_plan(args, pairs, [], plan, world=2)
 
 
+def test_routing_around_a_gathering_loss_over_ranks_needs_pure_batches():
+    """--route-difficult around a loss with batch statistics gathered over ranks (lmpo): in a batch mixing easy and
+    difficult pairs a rank may hold no easy pair, skip the loss and so its gather, and the others wait forever. Only
+    the two-stage orders (batches all easy or all difficult) are allowed over 2 ranks; one process takes any order."""
+    plan, pairs = [list(range(8))], list(range(8))
+    for order in ("length", "per-epoch", "random"):
+        args = train.get_args(["--demo", "--loss", "lmpo", "--route-difficult", "--order", order, "--eval-split", ""])
+        with pytest.raises(UserError, match="all easy or all difficult"):
+            train.check_plan(args, pairs, [], plan, world=2)
+        train.check_plan(args, pairs, [], plan, world=1)
+    for order in ("two-stage", "reversed"):
+        args = train.get_args(["--demo", "--loss", "lmpo", "--route-difficult", "--order", order, "--eval-split", ""])
+        train.check_plan(args, pairs, [], plan, world=2)
+
+
 def test_resume_is_exact(tmp_path, cache_dir, monkeypatch):
     """6 steps in one go == 3 steps, a crash, and --resume (same schedule, data order, optimizer, loss state)."""
     common = ["--loss", "lmpo", "--max-steps", "6", "--save-every", "3", "--eval-split", ""]
