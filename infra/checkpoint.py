@@ -35,7 +35,8 @@ RESUME_FREE = {"resume", "overwrite", "out_dir", "device", "compile", "grad_chec
                "pack_tokens", "log_every", "eval_every", "save_every", "nan_patience", "cache_dir", "micro_batch_size"}
 # What a run writes into out_dir (the module docstring; tensorboard/ with --report-to tensorboard; .NAME.tmpPID are
 # cli.atomic_write's temporary files): all the demo deletes when it replaces its own run.
-RUN_FILES = ("args.json", "metrics.jsonl", "latest.json", "final", "final.tmp", "ckpt-*", "tensorboard", ".*.tmp*")
+RUN_FILES = ("args.json", "metrics.jsonl", "provenance.json", "latest.json", "final", "final.tmp", "ckpt-*",
+             "tensorboard", ".*.tmp*")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -130,9 +130,10 @@ def test_the_demo_replaces_its_own_demo_run(case):
     (case["run"] / "notes").mkdir()
     (case["run"] / "notes" / "todo.txt").write_text("compare with simpo")
     (case["run"] / "ckpt-000007").mkdir()  # a stale checkpoint of the earlier run: the run's own, replaced
+    assert (case["run"] / "provenance.json").is_file()  # the earlier run's record: replaced, not kept
     r = case["train"]("--max-steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "replacing the earlier run" in r.stdout and "keeping notes, prefs.json" in r.stdout
+    assert "replacing the earlier run" in r.stdout and "(keeping notes, prefs.json)" in r.stdout
     assert (case["run"] / "final" / "model.safetensors").is_file()
     assert (case["run"] / "prefs.json").read_text() == '{"rewards/accuracies": 0.9}'
     assert (case["run"] / "notes" / "todo.txt").read_text() == "compare with simpo"
