@@ -28,7 +28,7 @@ import generate
 import losses
 import refcache
 from evaluation import judge, mt_bench, report
-from infra import cli, hub, precision, provenance
+from infra import cli, flags, hub, precision, provenance
 from infra.cli import UserError, read_json
 
 
@@ -95,8 +95,9 @@ def run_reference(args) -> dict:
     run = read_json(run_dir / "args.json")
     if args.ref_model or args.ref_cache or run.get("loss") not in losses.NEEDS_REF or not run.get("model"):
         return run
-    for key, default in {"cache_dir": "cache", "dtype": "fp16", "max_length": 1024, "max_prompt_length": 256}.items():
-        run.setdefault(key, default)  # train.py's defaults
+    train_defaults = flags.build_parser()  # an args.json written by hand may leave out what train.py defaults
+    for key in ("cache_dir", "dtype", "max_length", "max_prompt_length"):
+        run.setdefault(key, train_defaults.get_default(key))
     args.ref_model, args.ref_revision = refcache.reference_model(run), run.get("revision")
     args.ref_cache = str(refcache.cache_folder(run["cache_dir"], run["model"], args.data, args.split, run["dtype"],
                                                run["max_length"], run["max_prompt_length"]))

@@ -102,7 +102,7 @@ def routable(batches: list[list[int]], pairs: list[data.Pair], args) -> list[lis
     pairs so that the loss sees 0 or >= 2 of each (batches.balance_routed); other runs' batches as they are."""
     if not (args.route and args.loss in losses.NEEDS_TWO):
         return batches
-    return balance_routed(batches, [not e for e in easy_pairs(pairs, args)])
+    return balance_routed(batches, difficult_pairs(pairs, args.route["difficulty_threshold"], args.route["difficulty"]))
 
 
 def easy_pairs(pairs: list[data.Pair], args) -> list[bool] | None:

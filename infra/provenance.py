@@ -23,7 +23,7 @@ import torch
 
 import data
 import refcache
-from infra import cli
+from infra import cli, hub
 from infra.cli import UserError
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root: the code whose commit is recorded
@@ -86,12 +86,13 @@ def environment(device=None) -> dict:
 
 
 def data_entry(source, split: str | None = None) -> dict:
-    """A data input: a local file's sha256 (data.files_sha256), a Hub dataset split's as data.load_rows hashes it
-    (the reference cache's data_sha256), or a Hub name without a split, recorded unhashed and said so."""
+    """A data input: a local file's sha256 (data.files_sha256), a Hub dataset split's parquet files' as
+    data.load_rows hashes them (the reference cache's data_sha256; not parsed again), or a Hub name without a split,
+    recorded unhashed and said so."""
     path = Path(source).expanduser()
     if not path.is_file() and split is None:
         return {"source": str(source), "sha256": None, "note": "a Hub name, not a local file: not hashed"}
-    sha = data.files_sha256([path]) if path.is_file() else data.load_rows(str(source), split)[1]
+    sha = data.files_sha256([path] if path.is_file() else hub.dataset_files(str(source), split, None))
     return {"source": str(source), "split": split, "sha256": sha}
 
 

@@ -702,3 +702,19 @@ def test_balance_routed_leaves_the_loss_zero_or_two_easy_pairs():
 def test_row_name_is_one_based_lines_for_json_lines():
     assert data.row_name("a/p.jsonl", 0) == "a/p.jsonl: line 1"
     assert data.row_name("p.json", 4) == "p.json: row 5" and data.row_name("p.parquet", 0) == "p.parquet: row 1"
+
+
+def test_files_sha256_reads_each_file_once_and_sees_every_change(tmp_path, monkeypatch):
+    """The hash of an unchanged file list is read once a process (provenance and the reference cache share it); a
+    rewrite, even to the same size, is hashed again, and the value is the sha256 of the bytes in order."""
+    import hashlib
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"abc")
+    b.write_bytes(b"de")
+    assert data.files_sha256([a, b]) == "sha256:" + hashlib.sha256(b"abcde").hexdigest()
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *args, **kw: opened.append(f) or real_open(f, *args, **kw))
+    assert data.files_sha256([a, b]) == "sha256:" + hashlib.sha256(b"abcde").hexdigest() and opened == []
+    a.write_bytes(b"xyz")
+    assert data.files_sha256([a, b]) == "sha256:" + hashlib.sha256(b"xyzde").hexdigest() and opened == [a, b]
